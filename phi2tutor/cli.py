@@ -1,0 +1,107 @@
+"""The ``phi2tutor`` command: LightningCLI's fit/validate/test/predict over TutorModule and
+MathDataModule, plus the analysis commands score, report and plan, which need no Trainer.
+"""
+
+from __future__ import annotations
+
+import sys
+
+EXTRA_COMMANDS = {
+    "score": "Grade a predictions file (.jsonl) from any system: accuracy, correct, wrong, invalid.",
+    "report": "Write the training report of a finished run (run directory or HF trainer_state.json).",
+    "plan": "Estimate the peak GPU memory of a config before loading anything; does it fit the budget?",
+}
+
+DESCRIPTION = """Fine-tune Phi-2 into a math tutor with LoRA/QLoRA and explain the run.
+
+Training commands (Lightning): fit, validate, test, predict -- e.g.
+  phi2tutor fit --config configs/demo.yaml
+  phi2tutor validate --config configs/demo.yaml --model.adapter_path models/demo-tutor
+Analysis commands (no training): {extra}
+Run `phi2tutor COMMAND --help` for the options of a command.""".format(
+    extra="; ".join(f"{name}: {text}" for name, text in EXTRA_COMMANDS.items())
+)
+
+
+def _tokenizer_source(model_name_or_path: str, tokenizer_name_or_path: str | None, model_config: dict | None):
+    if tokenizer_name_or_path:
+        return tokenizer_name_or_path
+    if model_config is not None:
+        from phi2tutor.loading import bundled_tokenizer_dir
+
+        return str(bundled_tokenizer_dir())
+    return model_name_or_path
+
+
+def build_cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class TutorCLI(LightningCLI):
+        """LightningCLI with the data and model options that must agree linked together."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments(
+                ("model.model_name_or_path", "model.tokenizer_name_or_path", "model.model_config"),
+                "data.tokenizer_name_or_path",
+                compute_fn=_tokenizer_source,
+            )
+            parser.link_arguments("data.prompt_template", "model.prompt_template")
+
+    return TutorCLI
+
+
+def run_lightning_cli(args: list[str] | None) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from phi2tutor.data import MathDataModule
+    from phi2tutor.model import TutorModule
+
+    cli_class = build_cli_class()
+    cli_class(
+        TutorModule,
+        MathDataModule,
+        args=args,
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
+            },
+            "callbacks": [LearningRateMonitor(logging_interval="step")],
+        },
+        parser_kwargs={"description": DESCRIPTION},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def run_extra_command(name: str, args: list[str]) -> None:
+    if name == "score":
+        from phi2tutor.grading import main_score
+
+        main_score(args)
+    elif name == "report":
+        from phi2tutor.report import main_report
+
+        main_report(args)
+    elif name == "plan":
+        from phi2tutor.memory import main_plan
+
+        main_plan(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from phi2tutor.errors import Phi2TutorError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in EXTRA_COMMANDS:
+            run_extra_command(args[0], args[1:])
+        else:
+            # LightningCLI reads sys.argv itself; pass args only when called from Python.
+            run_lightning_cli(None if argv is None else args)
+    except Phi2TutorError as error:
+        print(f"phi2tutor: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

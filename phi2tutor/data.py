@@ -1,0 +1,411 @@
+"""MathDataModule: math word problems from the hub, local files or the bundled generator, shown
+through the prompt template, tokenized once (prompt masked, answer + EOS learned) and batched with
+dynamic padding and length grouping.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from phi2tutor.errors import Phi2TutorError
+from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
+from phi2tutor.synthetic import SyntheticSpec, generate_splits
+
+FINAL_ANSWER = re.compile(r"####\s*(-?[$0-9.,/]+)")
+CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TokenizedExample:
+    """One example: token ids of prompt + answer + EOS, and how many leading tokens are prompt."""
+
+    example_id: int
+    input_ids: list[int]
+    prompt_length: int
+
+
+class TokenizedDataset(Dataset):
+    def __init__(self, examples: list[TokenizedExample]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> TokenizedExample:
+        return self.examples[index]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled order in which neighbours have similar lengths, so batches carry little padding.
+
+    Indices are shuffled with ``seed + epoch``, cut into mega-batches of ``batch_size * group_factor``
+    and sorted by length inside each; Lightning calls ``set_epoch`` (and wraps the sampler for DDP),
+    so the order is reproducible and a resumed run sees the same batches.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_factor: int = 16) -> None:
+        self.lengths = lengths
+        self.megabatch = max(1, batch_size * group_factor)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = list(range(len(self.lengths)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        for start in range(0, len(order), self.megabatch):
+            yield from sorted(order[start : start + self.megabatch], key=lambda i: -self.lengths[i])
+
+
+def collate_examples(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; labels are -100 on the prompt and on padding.
+
+    Padding is masked by position, not by token id: the pad token is EOS, and the EOS that ends an
+    answer must stay a target or generations never stop.
+    """
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = torch.tensor(example.input_ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, example.prompt_length : len(ids)] = ids[example.prompt_length :]
+    example_ids = torch.tensor([e.example_id for e in examples], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "example_ids": example_ids,
+    }
+
+
+class MathDataModule(LightningDataModule):
+    def __init__(
+        self,
+        source: Literal["hub", "files", "synthetic"] = "hub",
+        hub_dataset: str = "openai/gsm8k",
+        hub_config: str | None = "main",
+        hub_train_split: str = "train",
+        hub_test_split: str = "test",
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        synthetic: SyntheticSpec | None = None,
+        question_field: str = "question",
+        answer_field: str = "answer",
+        prompt_template: str = PHI2_QA_TEMPLATE,
+        keep_calculator_annotations: bool = False,
+        skip_invalid_rows: bool = False,
+        max_length: int = 512,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.05,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        seed: int = 42,
+        tokenizer_name_or_path: str | None = None,
+    ) -> None:
+        """Math problems with GSM8K-style answers ("... #### N"), tokenized for causal-LM fine-tuning.
+
+        Args:
+            source: Where the problems come from: ``hub`` (a datasets hub id), ``files`` (local
+                .jsonl/.json/.parquet) or ``synthetic`` (the bundled offline generator).
+            hub_dataset: Hub dataset id, for ``source: hub``.
+            hub_config: Hub dataset configuration (GSM8K: ``main``).
+            hub_train_split: Hub split used for training (and, split off by ``val_fraction``, validation).
+            hub_test_split: Hub split used by ``test`` and as held-out problems.
+            train_path: Training file, for ``source: files``.
+            val_path: Validation file; without it a seeded ``val_fraction`` of train is held out.
+            test_path: Test file for ``phi2tutor test``; without it the validation problems are used.
+            predict_path: Questions file (.jsonl with the question field) for ``phi2tutor predict``.
+            synthetic: Generator settings, for ``source: synthetic`` (sizes, language, difficulty, seed).
+            question_field: Name of the question field in each row.
+            answer_field: Name of the answer field; its text must end with "#### N".
+            prompt_template: Prompt with a ``{question}`` field (Phi-2: "Instruct: {question}\\nOutput:").
+            keep_calculator_annotations: Keep GSM8K's ``<<48/2=24>>`` annotations in the targets.
+            skip_invalid_rows: Skip rows without the answer or a final "#### N" (and prompts longer than
+                max_length), reporting how many, instead of stopping with an error.
+            max_length: Longest tokenized example; longer answers are truncated and counted.
+            batch_size: Training micro-batch size per device.
+            eval_batch_size: Validation/test batch size; default ``batch_size``.
+            val_fraction: Share of the training rows held out for validation when no validation source exists.
+            group_by_length: Batch examples of similar length together (less padding, same loss).
+            num_workers: DataLoader worker processes.
+            seed: Seed of the validation split and of the training order.
+            tokenizer_name_or_path: Tokenizer to use; the CLI links it to the model's tokenizer.
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer_name_or_path"])
+        self.synthetic = synthetic or SyntheticSpec()
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.tokenizer = None
+        self.rows: dict[str, list[dict[str, str]]] = {}
+        self.datasets: dict[str, TokenizedDataset] = {}
+        self.truncated_examples = 0
+
+    # ------------------------------------------------------------------ rows
+    def load_rows(self) -> dict[str, list[dict[str, str]]]:
+        """Validated {question, answer} rows of every split (cached: read once per run)."""
+        if self.rows:
+            return self.rows
+        hp = self.hparams
+        if hp.source == "synthetic":
+            splits = generate_splits(self.synthetic)
+            rows = {
+                split: [self._clean(r, "generated", i) for i, r in enumerate(splits[split])]
+                for split in SPLITS
+            }
+        else:
+            raw = self._read_files() if hp.source == "files" else self._read_hub()
+            rows = {}
+            for split, (origin, records) in raw.items():
+                rows[split] = self._validate_rows(records, origin)
+            if "val" not in rows:
+                rows["train"], rows["val"] = self._split_off_validation(rows["train"])
+            rows.setdefault("test", rows["val"])
+        for split in ("train", "val"):
+            if not rows[split]:
+                raise Phi2TutorError(
+                    f"The {split} split is empty after reading the data (source {hp.source}). Check the "
+                    f"{split} file or dataset split, the field names ({hp.question_field!r}, "
+                    f"{hp.answer_field!r}) and data.val_fraction."
+                )
+        self.rows = rows
+        return rows
+
+    def _read_files(self) -> dict[str, tuple[str, list[tuple[int, dict]]]]:
+        hp = self.hparams
+        if hp.train_path is None:
+            raise Phi2TutorError(
+                "data.source is 'files' but data.train_path is not set: give a .jsonl, .json or .parquet file."
+            )
+        raw = {"train": (hp.train_path, read_records(hp.train_path))}
+        if hp.val_path:
+            raw["val"] = (hp.val_path, read_records(hp.val_path))
+        if hp.test_path:
+            raw["test"] = (hp.test_path, read_records(hp.test_path))
+        return raw
+
+    def _read_hub(self) -> dict[str, tuple[str, list[tuple[int, dict]]]]:
+        hp = self.hparams
+        try:
+            import datasets
+
+            raw = {}
+            for split, hub_split in (("train", hp.hub_train_split), ("test", hp.hub_test_split)):
+                table = datasets.load_dataset(hp.hub_dataset, hp.hub_config, split=hub_split)
+                raw[split] = (f"{hp.hub_dataset}[{hub_split}]", list(enumerate(table, start=1)))
+            return raw
+        except Exception as error:  # datasets raises many types for "not reachable"
+            raise Phi2TutorError(
+                f"Could not load the dataset {hp.hub_dataset!r} (config {hp.hub_config!r}) from the hub: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
+                "Without network access, download it elsewhere and use data.source: files with "
+                "data.train_path (and data.test_path), or data.source: synthetic for the bundled problems."
+            ) from None
+
+    def _validate_rows(self, records: list[tuple[int, dict]], origin: str) -> list[dict[str, str]]:
+        hp = self.hparams
+        rows, skipped = [], 0
+        for number, record in records:
+            problem = None
+            if (
+                not isinstance(record, dict)
+                or hp.question_field not in record
+                or hp.answer_field not in record
+            ):
+                problem = (
+                    f"has no {hp.question_field!r} or {hp.answer_field!r} field"
+                    f" (fields: {sorted(record) if isinstance(record, dict) else type(record).__name__})"
+                )
+            elif not FINAL_ANSWER.search(str(record[hp.answer_field])):
+                problem = 'has an answer without a final "#### N"'
+            if problem:
+                if hp.skip_invalid_rows:
+                    skipped += 1
+                    continue
+                raise Phi2TutorError(
+                    f"{origin}, row {number} {problem}. Set data.question_field / data.answer_field to the "
+                    "file's field names, fix the row, or set data.skip_invalid_rows: true to skip such rows."
+                )
+            rows.append(self._clean(record, origin, number))
+        if skipped:
+            rank_zero_info(f"phi2tutor | skipped {skipped} invalid rows of {origin} (data.skip_invalid_rows)")
+        return rows
+
+    def _clean(self, record: dict, origin: str, number: int) -> dict[str, str]:
+        hp = self.hparams
+        question_key = hp.question_field if origin != "generated" else "question"
+        answer_key = hp.answer_field if origin != "generated" else "answer"
+        answer = str(record[answer_key]).strip()
+        if not hp.keep_calculator_annotations:
+            answer = CALCULATOR_ANNOTATION.sub("", answer)
+        return {"question": str(record[question_key]).strip(), "answer": answer}
+
+    def _split_off_validation(self, rows: list[dict[str, str]]) -> tuple[list, list]:
+        order = list(range(len(rows)))
+        random.Random(self.hparams.seed).shuffle(order)
+        n_val = max(1, round(self.hparams.val_fraction * len(rows))) if len(rows) > 1 else 0
+        val_ids = set(order[:n_val])
+        return [r for i, r in enumerate(rows) if i not in val_ids], [rows[i] for i in sorted(val_ids)]
+
+    def eval_problems(self, split: str = "val") -> list[dict[str, str]]:
+        """Held-out problems ({question, answer}) for answer evaluation."""
+        return self.load_rows()[split]
+
+    # ------------------------------------------------------------------ tokens
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            from phi2tutor.loading import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, "microsoft/phi-2", None)
+        if stage == "predict":
+            return
+        rows = self.load_rows()
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, SPLITS)
+        for split in needed:
+            if split not in self.datasets:
+                self.datasets[split] = self._tokenize(rows[split], split)
+        if stage == "fit" and self.truncated_examples and self.trainer is not None and self.trainer.logger:
+            self.trainer.logger.log_metrics({"data/truncated_examples": self.truncated_examples}, step=0)
+
+    def _tokenize(self, rows: list[dict[str, str]], split: str) -> TokenizedDataset:
+        hp = self.hparams
+        eos = self.tokenizer.eos_token_id
+        prompts = [format_prompt(hp.prompt_template, r["question"]) for r in rows]
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer([" " + r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
+        examples, truncated, too_long = [], 0, []
+        for index, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
+            if len(prompt) >= hp.max_length:
+                too_long.append(index + 1)
+                continue
+            ids = prompt + answer + [eos]
+            if len(ids) > hp.max_length:
+                truncated += 1
+                ids = ids[: hp.max_length]
+            examples.append(TokenizedExample(example_id=index, input_ids=ids, prompt_length=len(prompt)))
+        if too_long and not hp.skip_invalid_rows:
+            raise Phi2TutorError(
+                f"{len(too_long)} prompts of the {split} split (rows {too_long[:5]}) are {hp.max_length} tokens "
+                "or longer, so nothing of their answers would be learned. Raise data.max_length, or set "
+                "data.skip_invalid_rows: true to skip them."
+            )
+        if truncated:
+            rank_zero_info(
+                f"phi2tutor | {truncated} of {len(rows)} {split} examples truncated to max_length {hp.max_length}"
+            )
+        if split == "train":
+            self.truncated_examples = truncated
+        return TokenizedDataset(examples)
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        lengths = [len(e.input_ids) for e in dataset.examples]
+        if shuffle and self.hparams.group_by_length:
+            sampler = LengthGroupedSampler(lengths, batch_size, self.hparams.seed)
+        elif shuffle:
+            sampler = LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor=0)
+        else:
+            sampler = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self._collate,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+        return collate_examples(examples, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_path is None:
+            raise Phi2TutorError(
+                "phi2tutor predict needs data.predict_path: a .jsonl file with a question per line."
+            )
+        records = read_records(self.hparams.predict_path)
+        questions = []
+        for number, record in records:
+            if not isinstance(record, dict) or self.hparams.question_field not in record:
+                raise Phi2TutorError(
+                    f"{self.hparams.predict_path}, line {number} has no {self.hparams.question_field!r} field. "
+                    "Each line must be a JSON object with the question (set data.question_field to its name)."
+                )
+            questions.append(str(record[self.hparams.question_field]))
+        return DataLoader(
+            questions,
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            collate_fn=lambda batch: {"question": list(batch)},
+        )
+
+
+def read_records(path: str | Path) -> list[tuple[int, Any]]:
+    """(line or row number, record) pairs from a .jsonl, .json or .parquet file, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise Phi2TutorError(
+            f"Data file {str(path)!r} does not exist. Check the path in the config (data.*_path)."
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append((number, json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise Phi2TutorError(
+                        f"{path}, line {number} is not valid JSON ({error.msg} at column {error.colno}). Each "
+                        "line of a .jsonl file must be one JSON object; fix or remove that line."
+                    ) from None
+        return records
+    if suffix == ".json":
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise Phi2TutorError(
+                f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+            ) from None
+        if isinstance(content, dict) and isinstance(content.get("data"), list):
+            content = content["data"]
+        if not isinstance(content, list):
+            raise Phi2TutorError(f'{path} must hold a JSON list of objects (or {{"data": [...]}}).')
+        return list(enumerate(content, start=1))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    raise Phi2TutorError(f"{path}: unsupported file type {suffix!r}. Use .jsonl, .json or .parquet.")

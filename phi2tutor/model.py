@@ -1,0 +1,342 @@
+"""TutorModule: Phi-2 (or a small model of its class) with optional bitsandbytes quantization and
+peft LoRA, its training and validation steps, optimizer and warmup + cosine schedule, and batched
+greedy generation for answer evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from phi2tutor.errors import Phi2TutorError
+from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
+
+PHI2_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+Quantization = Literal["none", "nf4", "nf4-double", "int8"]
+ComputeDtype = Literal["float32", "float16", "bfloat16"]
+OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TutorModule(LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str = "microsoft/phi-2",
+        model_config: dict[str, Any] | None = None,
+        tokenizer_name_or_path: str | None = None,
+        adapter_path: str | None = None,
+        trust_remote_code: bool = False,
+        quantization: Quantization = "none",
+        compute_dtype: ComputeDtype = "float32",
+        attn_implementation: str | None = None,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        modules_to_save: list[str] | None = None,
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerName = "adamw",
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_fraction: float = 0.12,
+        warmup_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        prompt_template: str = PHI2_QA_TEMPLATE,
+        max_new_tokens: int = 256,
+        adapter_output_dir: str | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        """LoRA-adapted Phi-2 for math tutoring.
+
+        Args:
+            model_name_or_path: Hub id or local directory of the base model (weights and tokenizer).
+                Ignored for weights when ``model_config`` is given.
+            model_config: PhiConfig keyword arguments: build a small randomly initialised model of
+                Phi-2's class instead of loading weights (tests; seeded by ``init_seed``).
+            tokenizer_name_or_path: Tokenizer hub id or directory; default ``model_name_or_path``
+                (the bundled tokenizer when ``model_config`` is given).
+            adapter_path: A saved LoRA adapter (peft ``save_pretrained`` directory) to load instead of
+                creating a fresh one; for validate/test/predict on a finished run.
+            trust_remote_code: Allow custom modelling code from the hub. Off: Phi-2 is native to transformers.
+            quantization: Base weight quantization through bitsandbytes: ``none``, ``nf4`` (4-bit),
+                ``nf4-double`` (4-bit with double quantization, the QLoRA setting) or ``int8``.
+            compute_dtype: Dtype of the frozen base weights and of 4-bit matmuls. ``float16`` for
+                cards without bf16 (GTX 10xx); pair it with ``trainer.precision: 16-mixed``.
+            attn_implementation: transformers attention implementation (``eager``, ``sdpa``, ...).
+                Default: the fp16-safe fp32-score attention when training in float16, else ``sdpa``.
+            lora_r: LoRA rank.
+            lora_alpha: LoRA scaling numerator (scale = alpha / r).
+            lora_dropout: Dropout on the LoRA input.
+            lora_target_modules: Modules that get LoRA; default Phi-2's six linear layers
+                ``q_proj k_proj v_proj dense fc1 fc2``.
+            modules_to_save: Modules trained in full next to LoRA (e.g. ``embed_tokens``, ``lm_head``
+                for a small base that must learn new token uses).
+            gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
+            optimizer: ``adamw`` (torch, fp32 states), ``adamw8bit`` or ``paged_adamw8bit`` (bitsandbytes).
+            learning_rate: Peak learning rate, reached at the end of warmup.
+            weight_decay: AdamW weight decay.
+            warmup_fraction: Share of all optimizer steps spent in linear warmup (reference run: ~0.12).
+            warmup_steps: Warmup length in optimizer steps; overrides ``warmup_fraction`` when set.
+            min_lr_ratio: Floor of the cosine decay as a fraction of the peak learning rate.
+            prompt_template: Prompt with a ``{question}`` field; must match the data module's (the CLI links them).
+            max_new_tokens: Default generation length of ``generate``.
+            adapter_output_dir: Extra directory that receives the adapter and tokenizer when fit ends
+                (e.g. ``models/phi2-matematicas-tutor``); the run directory always gets one.
+            init_seed: Seed of the random initialisation of a ``model_config`` model.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.lora_target_modules = list(lora_target_modules or PHI2_LORA_TARGETS)
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.attention_implementation: str | None = None
+        # Checkpoints hold only trainable weights: the frozen base is loaded from its source.
+        self.strict_loading = False
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def uses_float16(self) -> bool:
+        precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
+        return self.hparams.compute_dtype == "float16" or precision.startswith("16")
+
+    def configure_model(self) -> None:
+        """Load tokenizer, base model, quantization and LoRA (once; Lightning calls it for every stage)."""
+        if self.model is not None:
+            return
+        from phi2tutor.loading import load_base_model, load_tokenizer, wrap_with_lora
+
+        hp = self.hparams
+        self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.model_name_or_path, hp.model_config)
+        attn = hp.attn_implementation
+        if attn is None:
+            if self.uses_float16:
+                from phi2tutor.attention import register_fp32_scores_attention
+
+                attn = register_fp32_scores_attention()
+            else:
+                attn = "sdpa"
+        elif attn == "phi2tutor_fp32_scores":
+            from phi2tutor.attention import register_fp32_scores_attention
+
+            register_fp32_scores_attention()
+        self.attention_implementation = attn
+        base = load_base_model(
+            model_name_or_path=hp.model_name_or_path,
+            model_config=hp.model_config,
+            quantization=hp.quantization,
+            compute_dtype=hp.compute_dtype,
+            attn_implementation=attn,
+            trust_remote_code=hp.trust_remote_code,
+            init_seed=hp.init_seed,
+        )
+        if hp.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+            # LoRA-only training leaves the embedding output without grad; checkpointed blocks need it.
+            base.enable_input_require_grads()
+        self.model = wrap_with_lora(
+            base,
+            adapter_path=hp.adapter_path,
+            r=hp.lora_r,
+            alpha=hp.lora_alpha,
+            dropout=hp.lora_dropout,
+            target_modules=self.lora_target_modules,
+            modules_to_save=hp.modules_to_save,
+        )
+        self._print_summary()
+
+    def _print_summary(self) -> None:
+        total = sum(p.numel() * _packed_factor(p) for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        precision = getattr(self._trainer, "precision", "n/a") if self._trainer is not None else "n/a"
+        rank_zero_info(
+            f"phi2tutor | model {self.model_source} | parameters {total / 1e6:,.2f}M total, "
+            f"{trainable / 1e6:,.3f}M trainable ({100 * trainable / max(total, 1):.2f}%) | "
+            f"quantization {self.hparams.quantization} | compute dtype {self.hparams.compute_dtype} | "
+            f"precision {precision} | attention {self.attention_implementation}"
+        )
+
+    @property
+    def model_source(self) -> str:
+        if self.hparams.model_config is not None:
+            return "PhiForCausalLM built from model_config"
+        return self.hparams.model_name_or_path
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def target_token_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens, with the LM head applied to those positions only.
+
+        The full-vocabulary logits of every position (fp32 for the loss) are the largest buffer of a
+        Phi-2 step at seq 512; the prompt and padding positions never need them.
+        """
+        base = self.model.get_base_model()
+        hidden = base.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        is_target = targets != -100
+        logits = base.lm_head(hidden[:, :-1][is_target])
+        return F.cross_entropy(logits.float(), targets[is_target])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.target_token_loss(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log(
+            "train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size
+        )
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.target_token_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.target_token_loss(batch)
+        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        generations = self.generate(batch["question"])
+        return [{"question": q, "generation": g} for q, g in zip(batch["question"], generations)]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning unscales 16-mixed gradients before this hook and clips after it: this is the
+        # true total norm before clipping.
+        grads = [p.grad.detach().float().norm(2) for p in self.trainable_parameters() if p.grad is not None]
+        if not grads:
+            return
+        grad_norm = torch.linalg.vector_norm(torch.stack(grads))
+        if torch.isfinite(grad_norm):  # an fp16 overflow step is skipped by the scaler; don't plot inf
+            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = self.trainable_parameters()
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        else:
+            import bitsandbytes as bnb
+
+            cls = bnb.optim.PagedAdamW8bit if hp.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+            optimizer = cls(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine_factor(step, warmup, total_steps, hp.min_lr_ratio)
+        )
+        # The name is the TensorBoard key LearningRateMonitor logs under.
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
+
+    # ------------------------------------------------------------------ checkpoints and adapters
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = expected - set(checkpoint["state_dict"])
+        if missing:
+            raise Phi2TutorError(
+                f"The checkpoint lacks {len(missing)} trainable weights of this model (e.g. "
+                f"{sorted(missing)[0]}). It was written by a run with other LoRA settings (r, target "
+                "modules, modules_to_save): use the same model section of the config as that run."
+            )
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero:
+            for directory in self.adapter_directories():
+                self.save_adapter(directory)
+
+    def adapter_directories(self) -> list[Path]:
+        directories = []
+        if self.trainer.log_dir is not None:
+            directories.append(Path(self.trainer.log_dir) / "adapter")
+        if self.hparams.adapter_output_dir:
+            directories.append(Path(self.hparams.adapter_output_dir))
+        return directories
+
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """Save the LoRA adapter (safetensors) and the tokenizer with peft/transformers' own writers."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        rank_zero_info(f"phi2tutor | adapter and tokenizer saved to {directory}")
+        return directory
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self, questions: list[str], max_new_tokens: int | None = None, batch_size: int = 16
+    ) -> list[str]:
+        """Greedy answers to ``questions``: batched, left-padded, KV-cached, stopped at EOS.
+
+        Returns only the new text of each answer, in the order of ``questions``.
+        """
+        if self.model is None:
+            self.configure_model()
+        max_new_tokens = max_new_tokens or self.hparams.max_new_tokens
+        tokenizer = self.tokenizer
+        prompts = [format_prompt(self.hparams.prompt_template, q) for q in questions]
+        # Similar lengths in a batch waste less compute on padding.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: list[str] = [""] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()
+        previous_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            for start in range(0, len(order), batch_size):
+                indices = order[start : start + batch_size]
+                encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
+                encoded = {k: v.to(self.device) for k, v in encoded.items()}
+                output = self.model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                new_tokens = output[:, encoded["input_ids"].shape[1] :]
+                for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                    answers[i] = text.strip()
+        finally:
+            tokenizer.padding_side = previous_side
+            self.model.train(was_training)
+        return answers
+
+
+def _packed_factor(parameter: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit weights per uint8 element.
+    return 2 if parameter.dtype == torch.uint8 else 1

@@ -1,0 +1,216 @@
+"""Training core through the real CLI, Trainer, transformers, peft and bitsandbytes on a tiny Phi."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+from phi2tutor.cli import main
+from phi2tutor.data import MathDataModule
+from phi2tutor.events import read_scalars
+from phi2tutor.loading import bundled_tokenizer_dir
+from phi2tutor.model import TutorModule, warmup_cosine_factor
+from phi2tutor.synthetic import SyntheticSpec
+from tests.conftest import TINY_PHI, tiny_config, write_yaml
+
+
+def run_dirs(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "lightning_logs").glob("version_*"))
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory) -> Path:
+    """One tiny fit through the CLI, shared by the tests that read its output."""
+    tmp_path = tmp_path_factory.mktemp("fit")
+    config = tiny_config(tmp_path, trainer={"max_epochs": 3})
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+    ]
+    config["model"]["adapter_output_dir"] = str(tmp_path / "models" / "tutor")
+    main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
+    return run_dirs(tmp_path)[-1]
+
+
+def test_fit_logs_loss_grad_norm_and_lr_and_loss_falls(fitted_run: Path) -> None:
+    scalars = read_scalars(fitted_run)
+    for tag in ("train/loss", "train/loss_epoch", "train/grad_norm", "train/lr", "val/loss"):
+        assert scalars.get(tag), f"{tag} missing from {sorted(scalars)}"
+    epoch_losses = [v for _, v in scalars["train/loss_epoch"]]
+    assert len(epoch_losses) == 3
+    assert epoch_losses[-1] < epoch_losses[0]
+    # one grad norm and one lr per optimizer step (6 examples batches of 8 -> 6 steps/epoch x 3)
+    assert len(scalars["train/grad_norm"]) == len(scalars["train/lr"]) == 18
+    assert all(math.isfinite(v) and v > 0 for _, v in scalars["train/grad_norm"])
+    lrs = [v for _, v in scalars["train/lr"]]
+    peak = max(lrs)
+    assert peak == pytest.approx(0.003, rel=1e-6)
+    assert lrs[0] < peak and lrs[-1] < 0.1 * peak  # warmup, then cosine down towards the floor
+
+
+def test_warmup_cosine_shape_matches_reference_run() -> None:
+    total, warmup = 1000, 120  # the reference run peaked at ~12% of training
+    factors = [warmup_cosine_factor(s, warmup, total, 0.0) for s in range(total)]
+    assert max(range(total), key=factors.__getitem__) == warmup - 1
+    assert factors[0] == pytest.approx(1 / 120)
+    assert factors[-1] < 1e-4
+    assert warmup_cosine_factor(total, warmup, total, 0.1) == pytest.approx(0.1)
+
+
+def test_checkpoint_holds_only_trainable_weights(fitted_run: Path) -> None:
+    checkpoint = torch.load(fitted_run / "checkpoints" / "last.ckpt", weights_only=True)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all("lora_" in key for key in keys)
+    assert not any("base_layer" in key or "embed_tokens" in key for key in keys)
+    assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
+
+
+def test_adapter_saved_in_run_and_output_dirs_reloads_with_identical_logits(fitted_run: Path) -> None:
+    run_adapter = fitted_run / "adapter"
+    output_adapter = fitted_run.parent.parent / "models" / "tutor"
+    for directory in (run_adapter, output_adapter):
+        assert (directory / "adapter_model.safetensors").is_file()
+        assert (directory / "adapter_config.json").is_file()
+        assert (directory / "tokenizer.json").is_file()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    from_adapter = TutorModule(model_config=dict(TINY_PHI), lora_r=4, adapter_path=str(run_adapter))
+    from_adapter.configure_model()
+    from_checkpoint = TutorModule(model_config=dict(TINY_PHI), lora_r=4)
+    from_checkpoint.configure_model()
+    state = torch.load(fitted_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    from_checkpoint.load_state_dict(state, strict=False)
+    fresh = TutorModule(model_config=dict(TINY_PHI), lora_r=4)
+    fresh.configure_model()
+    for module in (from_adapter, from_checkpoint, fresh):
+        module.eval()
+    with torch.no_grad():
+        a = from_adapter(ids, torch.ones_like(ids)).logits
+        b = from_checkpoint(ids, torch.ones_like(ids)).logits
+        c = fresh(ids, torch.ones_like(ids)).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, c)  # the adapter changed the model
+
+
+def test_validate_through_cli_reports_val_loss(fitted_run: Path, capsys) -> None:
+    config_path = fitted_run / "config.yaml"  # saved by LightningCLI at fit time
+    main(
+        [
+            "validate",
+            "--config",
+            str(config_path),
+            "--ckpt_path",
+            str(fitted_run / "checkpoints" / "last.ckpt"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "val/loss" in out
+
+
+class StopAfterFirstEpoch(Callback):
+    """Interrupts a run at the end of its first epoch, as a killed job would after a checkpoint."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path: Path) -> None:
+    def fit(name: str, *extra_callbacks: dict, args: tuple[str, ...] = ()) -> Path:
+        root = tmp_path / name
+        config = tiny_config(root, trainer={"max_epochs": 2, "limit_val_batches": 0})
+        config["trainer"]["callbacks"] = [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "init_args": {"save_last": True, "dirpath": str(root / "checkpoints")},
+            },
+            *extra_callbacks,
+        ]
+        main(["fit", "--config", str(write_yaml(tmp_path / f"{name}.yaml", config)), *args])
+        return run_dirs(root)[-1]
+
+    full = read_scalars(fit("full"))["train/loss"]
+    interrupted = read_scalars(
+        fit("interrupted", {"class_path": "tests.test_training_core.StopAfterFirstEpoch"})
+    )
+    assert max(step for step, _ in interrupted["train/loss"]) < max(step for step, _ in full)
+    resumed = read_scalars(
+        fit("resumed", args=("--ckpt_path", str(tmp_path / "interrupted" / "checkpoints" / "last.ckpt")))
+    )
+    resumed_losses = dict(resumed["train/loss"])
+    second_epoch = [(step, value) for step, value in full if step in resumed_losses]
+    assert len(second_epoch) == 6  # every step of epoch 2, nothing of epoch 1 again
+    for step, value in second_epoch:
+        assert resumed_losses[step] == pytest.approx(value, rel=1e-5)
+
+
+def test_qlora_nf4_trains_on_cpu_with_finite_loss_and_changing_lora(tmp_path: Path) -> None:
+    seed_everything(0)
+    module = TutorModule(model_config=dict(TINY_PHI), quantization="nf4-double", lora_r=4, learning_rate=0.01)
+    data = MathDataModule(
+        source="synthetic",
+        batch_size=8,
+        max_length=128,
+        synthetic=SyntheticSpec(train_size=32, val_size=8, test_size=8),
+        tokenizer_name_or_path=str(bundled_tokenizer_dir()),
+    )
+    module.configure_model()
+    quantized = [n for n, p in module.model.named_parameters() if p.dtype == torch.uint8]
+    assert quantized and all("base_layer" in n for n in quantized)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in before.values())
+    trainer = Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    loss = trainer.callback_metrics["train/loss"]
+    assert torch.isfinite(loss)
+    after = dict(module.model.named_parameters())
+    changed = [n for n, p in before.items() if "lora_B" in n and not torch.equal(p, after[n])]
+    assert len(changed) == 6 * TINY_PHI["num_hidden_layers"]
+
+
+def test_answer_only_loss_matches_transformers_full_logits_loss() -> None:
+    """The memory-saving loss (LM head on answer positions only) equals transformers' own."""
+    module = TutorModule(model_config=dict(TINY_PHI), lora_r=4, lora_dropout=0.0)
+    module.configure_model()
+    torch.manual_seed(0)
+    for parameter in module.trainable_parameters():  # make LoRA non-zero so its gradients matter
+        torch.nn.init.normal_(parameter, std=0.05)
+    input_ids = torch.randint(0, 512, (2, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    labels[attention_mask == 0] = -100
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    ours = module.target_token_loss(batch)
+    ours.backward()
+    ours_grads = [p.grad.clone() for p in module.trainable_parameters()]
+    module.model.zero_grad()
+    reference = module.model(**batch).loss
+    reference.backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for ours_grad, parameter in zip(ours_grads, module.trainable_parameters()):
+        torch.testing.assert_close(ours_grad, parameter.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_generate_returns_only_new_text_in_question_order() -> None:
+    module = TutorModule(model_config=dict(TINY_PHI), lora_r=4, max_new_tokens=6)
+    module.configure_model()
+    questions = [
+        "Ana has 3 apples. How many?",
+        "Tom buys 12 pens and 7 more. How many pens does he have?",
+        "Hi",
+    ]
+    batched = module.generate(questions, batch_size=3)
+    one_by_one = [module.generate([q], batch_size=1)[0] for q in questions]
+    assert batched == one_by_one  # left padding does not change greedy answers
+    assert all("Instruct:" not in answer for answer in batched)
