@@ -18,10 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from phi2tutor.errors import Phi2TutorError
+from phi2tutor.grading import reference_answer
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
 from phi2tutor.synthetic import SyntheticSpec, generate_splits
 
-FINAL_ANSWER = re.compile(r"####\s*(-?[$0-9.,/]+)")
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 SPLITS = ("train", "val", "test")
 
@@ -237,7 +237,7 @@ class MathDataModule(LightningDataModule):
                     f"has no {hp.question_field!r} or {hp.answer_field!r} field"
                     f" (fields: {sorted(record) if isinstance(record, dict) else type(record).__name__})"
                 )
-            elif not FINAL_ANSWER.search(str(record[hp.answer_field])):
+            elif "####" not in str(record[hp.answer_field]) or reference_answer(str(record[hp.answer_field])) is None:
                 problem = 'has an answer without a final "#### N"'
             if problem:
                 if hp.skip_invalid_rows:

@@ -279,7 +279,8 @@ class TutorModule(LightningModule):
 
     def adapter_directories(self) -> list[Path]:
         directories = []
-        if self.trainer.log_dir is not None:
+        # Without a logger, log_dir falls back to the working directory: no run directory, no copy.
+        if self.trainer.logger is not None and self.trainer.log_dir is not None:
             directories.append(Path(self.trainer.log_dir) / "adapter")
         if self.hparams.adapter_output_dir:
             directories.append(Path(self.hparams.adapter_output_dir))
