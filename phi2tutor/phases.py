@@ -1,0 +1,463 @@
+"""Loss-trend analysis of a training run: learning-phase segmentation and plateau tests.
+
+Pure functions on plain Python/numpy data, no Lightning import. The PhaseDetection and PlateauStopping
+callbacks and the training report all call these, so the online and offline answers are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from phi2tutor.errors import Phi2TutorError
+
+PHASE_NAMES = ("rapid learning", "fine-tuning", "stabilization")
+"""Phase names in order; a phase's index (the TensorBoard scalar ``phase/index``) indexes this tuple."""
+
+MODES = ("min", "max")
+
+# Calibrated on the reference run (tests/reference_run.py): they put its boundaries at epochs 50 and 101,
+# where the hand-written analysis put them at 50 and 100.
+DEFAULT_PHASE_WINDOW = 15
+DEFAULT_FINE_TUNING_BELOW = 0.4
+DEFAULT_STABILIZATION_BELOW = 0.08
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a run, with the reference analysis's numbers.
+
+    Attributes:
+        index: 0 rapid learning, 1 fine-tuning, 2 stabilization.
+        name: ``PHASE_NAMES[index]``.
+        first_epoch: first epoch of the phase (the first step, for a series checked by step).
+        last_epoch: last epoch (or step) of the phase.
+        start_loss: the loss the phase starts from. For the first phase, the run's first loss; for a later
+            one, the last loss of the phase before (the reference analysis's convention), so that the
+            phases' reductions add up to the run's.
+        end_loss: the loss at ``last_epoch``.
+        improvement_pct: relative improvement within the phase, ``(start_loss - end_loss) / start_loss``
+            in percent: the reference analysis's "Mejora" (96.04%, 37.78%, 11.49%).
+        share_of_total_reduction_pct: the phase's part of the whole run's loss reduction,
+            ``(start_loss - end_loss) / (run start loss - run end loss)`` in percent; the phases' shares add
+            up to 100. The reference analysis calls its phase-1 96.04% "the share of the total improvement",
+            but that number is ``improvement_pct``; the share is 98.18%.
+    """
+
+    index: int
+    name: str
+    first_epoch: int
+    last_epoch: int
+    start_loss: float
+    end_loss: float
+    improvement_pct: float
+    share_of_total_reduction_pct: float
+
+
+@dataclass(frozen=True)
+class PhaseAnalysis:
+    """Phases of a whole series (or of the part seen so far).
+
+    Attributes:
+        boundaries: last epoch (or step) of every phase but the last, in order; empty for a single phase.
+        phases: one ``Phase`` per segment, in order (at most three). When the last boundary is the
+            series' last point (a phase began after the last check), that phase has no point yet and no
+            entry here, so ``phases`` is one shorter than usual.
+        start_loss: the series' first value.
+        end_loss: the series' last value.
+        total_improvement_pct: ``(start_loss - end_loss) / start_loss`` in percent (97.82% in the
+            reference run).
+        unit: ``"epoch"`` or ``"step"``: what the positions in ``boundaries`` and the phases count.
+        mode: ``"min"`` (a loss: lower is better) or ``"max"``.
+    """
+
+    boundaries: tuple[int, ...]
+    phases: tuple[Phase, ...]
+    start_loss: float
+    end_loss: float
+    total_improvement_pct: float
+    unit: str = "epoch"
+    mode: str = "min"
+
+
+@dataclass(frozen=True)
+class PhaseTransition:
+    """The moment a new phase begins, as PhaseTracker sees it.
+
+    Attributes:
+        phase_index: index of the phase that begins.
+        phase_name: its name.
+        boundary: last epoch (or step) of the phase that ended; the new phase starts at the next check.
+        loss_at_boundary: the loss at ``boundary``: the new phase's ``start_loss``.
+        improvement_rate: the relative improvement per check at ``boundary`` (see ``improvement_rate``).
+        peak_improvement_rate: the fastest improvement rate seen up to ``boundary``.
+        threshold: the fraction of the peak the rate fell below.
+    """
+
+    phase_index: int
+    phase_name: str
+    boundary: int
+    loss_at_boundary: float
+    improvement_rate: float
+    peak_improvement_rate: float
+    threshold: float
+
+
+def relative_improvement(values: Sequence[float], window: int, mode: str = "min") -> float | None:
+    """Relative improvement of a series over its last ``window`` points, or None with fewer points.
+
+    The least-squares line through the last ``window`` points, from its first point to its last, relative
+    to its first: ``(fit_first - fit_last) / |fit_first|`` for ``mode="min"`` (a falling loss gives a
+    positive number), the opposite sign for ``mode="max"``. The fitted line, rather than the two raw
+    endpoints, keeps one noisy epoch from deciding the answer. NaN when a point in the window is not
+    finite; ±inf when the fitted first point is 0 and the line moves.
+    """
+    _check_mode(mode)
+    _check_window_value(window)
+    if len(values) < window:
+        return None
+    tail = np.asarray(values[len(values) - window :], dtype=np.float64)
+    if not np.all(np.isfinite(tail)):
+        return math.nan
+    centered_x = np.arange(window, dtype=np.float64) - (window - 1) / 2
+    slope = float(centered_x @ (tail - tail.mean())) / float(centered_x @ centered_x)
+    fit_change = slope * (window - 1)
+    fit_first = float(tail.mean()) - fit_change / 2
+    gain = -fit_change if mode == "min" else fit_change
+    if fit_first == 0.0:
+        return 0.0 if gain == 0.0 else math.copysign(math.inf, gain)
+    return gain / abs(fit_first)
+
+
+def improvement_rate(values: Sequence[float], window: int, mode: str = "min") -> float | None:
+    """Relative improvement per check over the last ``window`` points (per epoch, for an epoch series).
+
+    ``relative_improvement(values, window, mode) / (window - 1)``: 0.02 means the loss falls about 2% per
+    check. None with fewer than ``window`` points.
+    """
+    improvement = relative_improvement(values, window, mode)
+    return None if improvement is None else improvement / (window - 1)
+
+
+def improvement_rates(values: Sequence[float], window: int, mode: str = "min") -> list[float]:
+    """``improvement_rate`` at every point of the series, NaN where fewer than ``window`` points exist."""
+    rates = [math.nan] * min(len(values), window - 1)
+    for end in range(window, len(values) + 1):
+        improvement = relative_improvement(values[end - window : end], window, mode)
+        rates.append(improvement / (window - 1))
+    return rates
+
+
+def is_plateau(values: Sequence[float], window: int, min_rel_improvement: float, mode: str = "min") -> bool:
+    """Whether the series improved by less than ``min_rel_improvement`` over its last ``window`` points.
+
+    False with fewer than ``window`` points (not enough history to tell) or a non-finite point in the
+    window. ``min_rel_improvement=0.01`` with ``window=10`` on an epoch series: under 1% over 10 epochs.
+    """
+    improvement = relative_improvement(values, window, mode)
+    return improvement is not None and not math.isnan(improvement) and improvement < min_rel_improvement
+
+
+class PhaseTracker:
+    """The phase rule, applied causally one check at a time; ``detect_phases`` runs it on a whole series.
+
+    Rule. At each check the tracker computes the improvement rate over the trailing ``window`` checks
+    (``improvement_rate``: the least-squares line's relative improvement per check) and keeps the fastest
+    rate seen so far, the peak. The run starts in "rapid learning"; "fine-tuning" begins after the first
+    check whose rate is below ``fine_tuning_below`` x peak, and "stabilization" after the first later check
+    whose rate is below ``stabilization_below`` x peak. Phases only move forward, at most one per check,
+    and the check that crosses the threshold is the last one of the phase that ends (its boundary). No
+    boundary comes before ``window`` checks exist, and none while the peak is not positive (a series that
+    never improved stays in its first phase).
+
+    Why relative to the peak rather than absolute rates: the ratio does not change with how often the
+    series is checked (every epoch, every 50 steps) nor with how fast a particular run learns, and a slow
+    start (learning-rate warmup) raises the peak later instead of ending the first phase early.
+
+    A boundary at check t depends only on the values up to t, so the online callback, which sees one
+    value per check, and the training report, which sees the whole series, find the same boundaries.
+
+    Args:
+        window: checks the improvement rate is measured over (at least 2). Longer windows smooth noise
+            and delay boundaries by about half a window.
+        fine_tuning_below: fine-tuning begins when the rate falls below this fraction of the peak (0-1).
+        stabilization_below: stabilization begins when the rate falls below this fraction of the peak;
+            smaller than ``fine_tuning_below``.
+        mode: ``"min"`` for a loss (lower is better), ``"max"`` for a metric that rises. Relative rates need
+            a metric away from zero.
+        owner: the name error messages give for these options (the callback that passes them).
+    """
+
+    def __init__(
+        self,
+        window: int = DEFAULT_PHASE_WINDOW,
+        fine_tuning_below: float = DEFAULT_FINE_TUNING_BELOW,
+        stabilization_below: float = DEFAULT_STABILIZATION_BELOW,
+        mode: str = "min",
+        owner: str = "PhaseTracker",
+    ) -> None:
+        validate_phase_options(window, fine_tuning_below, stabilization_below, mode, owner)
+        self.window = window
+        self.fine_tuning_below = fine_tuning_below
+        self.stabilization_below = stabilization_below
+        self.mode = mode
+        self.positions: list[int] = []
+        self.values: list[float] = []
+        self.boundaries: list[int] = []
+        self.transitions: list[PhaseTransition] = []
+        self.peak_improvement_rate: float | None = None
+
+    @property
+    def phase_index(self) -> int:
+        """Index of the phase the next check belongs to."""
+        return len(self.boundaries)
+
+    @property
+    def phase_name(self) -> str:
+        return PHASE_NAMES[self.phase_index]
+
+    def update(self, position: int, value: float) -> PhaseTransition | None:
+        """Take the value checked at ``position`` (an epoch or a step, increasing); return a transition
+        if a new phase begins after this check."""
+        if self.positions and position <= self.positions[-1]:
+            raise ValueError(
+                f"positions must increase: got {position} after {self.positions[-1]}. Give each check its "
+                "own epoch or step."
+            )
+        self.positions.append(int(position))
+        self.values.append(float(value))
+        rate = improvement_rate(self.values, self.window, self.mode)
+        if rate is None or not math.isfinite(rate):
+            return None
+        if self.peak_improvement_rate is None or rate > self.peak_improvement_rate:
+            self.peak_improvement_rate = rate
+        if self.phase_index == len(PHASE_NAMES) - 1 or self.peak_improvement_rate <= 0:
+            return None
+        threshold = (self.fine_tuning_below, self.stabilization_below)[self.phase_index]
+        if rate >= threshold * self.peak_improvement_rate:
+            return None
+        transition = PhaseTransition(
+            phase_index=self.phase_index + 1,
+            phase_name=PHASE_NAMES[self.phase_index + 1],
+            boundary=int(position),
+            loss_at_boundary=float(value),
+            improvement_rate=rate,
+            peak_improvement_rate=self.peak_improvement_rate,
+            threshold=threshold,
+        )
+        self.boundaries.append(int(position))
+        self.transitions.append(transition)
+        return transition
+
+    def phase_index_of(self, position: int) -> int:
+        """Index of the phase a checked position belongs to, by the boundaries found so far."""
+        return phase_index_of(position, self.boundaries)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after a restart, as plain Python data (checkpoint-friendly)."""
+        return {
+            "positions": list(self.positions),
+            "values": list(self.values),
+            "boundaries": list(self.boundaries),
+            "transitions": [asdict(transition) for transition in self.transitions],
+            "peak_improvement_rate": self.peak_improvement_rate,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Restored as saved rather than replayed, so a resumed run keeps its phase even if the thresholds
+        # were changed for the rest of the run.
+        self.positions = [int(p) for p in state["positions"]]
+        self.values = [float(v) for v in state["values"]]
+        self.boundaries = [int(b) for b in state["boundaries"]]
+        self.transitions = [PhaseTransition(**t) for t in state["transitions"]]
+        self.peak_improvement_rate = state["peak_improvement_rate"]
+
+    def analysis(self, unit: str = "epoch") -> PhaseAnalysis:
+        """The phases of the values checked so far (``summarize_phases`` on the found boundaries)."""
+        if not self.values:
+            raise ValueError("no value has been checked yet")
+        return summarize_phases(self.values, self.boundaries, self.positions, mode=self.mode, unit=unit)
+
+
+def detect_phases(
+    values: Sequence[float],
+    positions: Sequence[int] | None = None,
+    *,
+    window: int = DEFAULT_PHASE_WINDOW,
+    fine_tuning_below: float = DEFAULT_FINE_TUNING_BELOW,
+    stabilization_below: float = DEFAULT_STABILIZATION_BELOW,
+    mode: str = "min",
+    unit: str = "epoch",
+) -> PhaseAnalysis:
+    """Split a series (a loss by epoch or by step) into up to three phases by the ``PhaseTracker`` rule.
+
+    Args:
+        values: the monitored value at each check, in order.
+        positions: the epoch (or step) of each value; 1, 2, 3, ... when omitted.
+        window: checks the improvement rate is measured over (PhaseTracker).
+        fine_tuning_below: fraction of the peak rate under which fine-tuning begins.
+        stabilization_below: fraction of the peak rate under which stabilization begins.
+        mode: ``"min"`` for a loss, ``"max"`` for a metric that rises.
+        unit: what positions count, ``"epoch"`` or ``"step"``; carried into the result.
+    """
+    positions = _positions_for(values, positions)
+    tracker = PhaseTracker(window, fine_tuning_below, stabilization_below, mode, owner="detect_phases")
+    for position, value in zip(positions, values):
+        tracker.update(position, value)
+    return summarize_phases(values, tracker.boundaries, positions, mode=mode, unit=unit)
+
+
+def summarize_phases(
+    values: Sequence[float],
+    boundaries: Sequence[int],
+    positions: Sequence[int] | None = None,
+    *,
+    mode: str = "min",
+    unit: str = "epoch",
+) -> PhaseAnalysis:
+    """The numbers of each phase for given boundaries (found by ``detect_phases`` or chosen by hand).
+
+    Args:
+        values: the monitored value at each check, in order.
+        boundaries: last epoch (or step) of every phase but the last: increasing positions of the series,
+            at most two.
+        positions: the epoch (or step) of each value; 1, 2, 3, ... when omitted.
+        mode: ``"min"`` for a loss, ``"max"`` for a metric that rises.
+        unit: what positions count, ``"epoch"`` or ``"step"``.
+    """
+    _check_mode(mode)
+    positions = _positions_for(values, positions)
+    if not values:
+        raise ValueError("the series is empty: there is nothing to split into phases")
+    boundaries = [int(b) for b in boundaries]
+    if len(boundaries) > len(PHASE_NAMES) - 1:
+        raise ValueError(f"at most {len(PHASE_NAMES) - 1} boundaries (three phases), got {boundaries}")
+    if any(later <= earlier for earlier, later in zip(boundaries, boundaries[1:])):
+        raise ValueError(f"boundaries must increase, got {boundaries}")
+    index_of_position = {position: index for index, position in enumerate(positions)}
+    for boundary in boundaries:
+        if boundary not in index_of_position:
+            raise ValueError(
+                f"boundary {boundary} must be one of the series' {unit}s {positions[0]}..{positions[-1]}"
+            )
+    values = [float(v) for v in values]
+    run_start, run_end = values[0], values[-1]
+    last_indices = [index_of_position[b] for b in boundaries]
+    # A boundary at the last point means the next phase has begun but has no point yet: no Phase for it.
+    if not last_indices or last_indices[-1] != len(values) - 1:
+        last_indices.append(len(values) - 1)
+    phases = []
+    first_index = 0
+    for index, last_index in enumerate(last_indices):
+        start = run_start if index == 0 else values[first_index - 1]
+        end = values[last_index]
+        phases.append(
+            Phase(
+                index=index,
+                name=PHASE_NAMES[index],
+                first_epoch=positions[first_index],
+                last_epoch=positions[last_index],
+                start_loss=start,
+                end_loss=end,
+                improvement_pct=_relative_gain_pct(start, end, mode),
+                share_of_total_reduction_pct=_share_pct(start - end, run_start - run_end),
+            )
+        )
+        first_index = last_index + 1
+    return PhaseAnalysis(
+        boundaries=tuple(boundaries),
+        phases=tuple(phases),
+        start_loss=run_start,
+        end_loss=run_end,
+        total_improvement_pct=_relative_gain_pct(run_start, run_end, mode),
+        unit=unit,
+        mode=mode,
+    )
+
+
+def phase_index_of(position: int, boundaries: Sequence[int]) -> int:
+    """Index of the phase a position belongs to: the number of boundaries before it."""
+    return sum(1 for boundary in boundaries if position > boundary)
+
+
+def validate_phase_options(
+    window: int, fine_tuning_below: float, stabilization_below: float, mode: str, owner: str
+) -> None:
+    """Raise Phi2TutorError, naming the option and its valid range, for a bad phase-rule option."""
+    validate_window(window, owner, "checks the improvement rate is measured over")
+    validate_mode(mode, owner)
+    for option, value in (
+        ("fine_tuning_below", fine_tuning_below),
+        ("stabilization_below", stabilization_below),
+    ):
+        if not _is_real(value) or not 0.0 < value < 1.0:
+            raise Phi2TutorError(
+                f"{owner}: {option}={value!r} is out of range. It is the fraction of the fastest improvement "
+                "rate seen so far under which the next phase begins, a number strictly between 0 and 1 "
+                f"(defaults: fine_tuning_below={DEFAULT_FINE_TUNING_BELOW}, "
+                f"stabilization_below={DEFAULT_STABILIZATION_BELOW})."
+            )
+    if stabilization_below >= fine_tuning_below:
+        raise Phi2TutorError(
+            f"{owner}: stabilization_below={stabilization_below} must be smaller than "
+            f"fine_tuning_below={fine_tuning_below}: stabilization is the slower phase, so it begins when "
+            "the improvement rate falls further below its peak than it did for fine-tuning."
+        )
+
+
+def validate_window(window: int, owner: str, what: str) -> None:
+    """Raise Phi2TutorError unless ``window`` is an integer of at least 2."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise Phi2TutorError(
+            f"{owner}: window={window!r} is out of range. It is the number of {what}; a trend needs at "
+            "least two points, so give an integer >= 2 (for example 10)."
+        )
+
+
+def validate_mode(mode: str, owner: str) -> None:
+    """Raise Phi2TutorError unless ``mode`` is "min" or "max"."""
+    if mode not in MODES:
+        raise Phi2TutorError(
+            f"{owner}: mode={mode!r} is not valid. Use 'min' for a metric that should fall (a loss) or 'max' "
+            "for one that should rise (an accuracy)."
+        )
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_window_value(window: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer >= 2, got {window!r}")
+
+
+def _positions_for(values: Sequence[float], positions: Sequence[int] | None) -> list[int]:
+    if positions is None:
+        return list(range(1, len(values) + 1))
+    positions = [int(p) for p in positions]
+    if len(positions) != len(values):
+        raise ValueError(f"{len(values)} values but {len(positions)} positions")
+    if any(later <= earlier for earlier, later in zip(positions, positions[1:])):
+        raise ValueError("positions must increase")
+    return positions
+
+
+def _relative_gain_pct(start: float, end: float, mode: str) -> float:
+    gain = start - end if mode == "min" else end - start
+    if start == 0.0:
+        return 0.0 if gain == 0.0 else math.nan
+    return 100.0 * gain / abs(start)
+
+
+def _share_pct(part: float, whole: float) -> float:
+    return math.nan if whole == 0.0 else 100.0 * part / whole
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
