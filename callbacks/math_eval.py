@@ -95,6 +95,7 @@ class MathAnswerEval(Callback):
         # Counted rather than derived from current_epoch so that val_check_interval < 1 works too.
         self._validation_runs = 0
         self._problems: list[dict[str, str]] | None = None
+        self._split = "val"
 
     @property
     def last_result(self) -> dict[str, Any] | None:
@@ -104,8 +105,9 @@ class MathAnswerEval(Callback):
     # --- Lightning hooks -------------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
+        if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING, TrainerFn.TESTING):
             return
+        self._split = "test" if stage == TrainerFn.TESTING else "val"
         if not callable(getattr(pl_module, "generate", None)):
             raise Phi2TutorError(
                 f"MathAnswerEval needs a model with generate(questions, max_new_tokens, batch_size), and "
@@ -125,7 +127,12 @@ class MathAnswerEval(Callback):
             stage = "validation"
         else:
             stage = "validate"
-        result = self._evaluate(trainer, pl_module, stage)
+        self._log_result(pl_module, self._evaluate(trainer, pl_module, stage), "val")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_result(pl_module, self._evaluate(trainer, pl_module, "test"), "test")
+
+    def _log_result(self, pl_module: pl.LightningModule, result: dict[str, Any], prefix: str) -> None:
         # Logged through the module so ModelCheckpoint/EarlyStopping see it in callback_metrics. The values
         # are already global (synced metric), so sync_dist only silences Lightning's DDP warning for the
         # rates, and takes the slowest process for the time.
@@ -135,7 +142,7 @@ class MathAnswerEval(Callback):
             (SECONDS_KEY, result["seconds"], "max"),
         ):
             pl_module.log(
-                key,
+                key.replace("val/", f"{prefix}/", 1),
                 float(value),
                 on_step=False,
                 on_epoch=True,
@@ -181,8 +188,8 @@ class MathAnswerEval(Callback):
                     "(phi2tutor.data.MathDataModule has it), or the callback's problems_file option naming "
                     'a .jsonl file of {"question": ..., "answer": "... #### N"} rows.'
                 )
-            problems = list(datamodule.eval_problems("val"))
-            source = f"{type(datamodule).__name__}.eval_problems('val')"
+            problems = list(datamodule.eval_problems(self._split))
+            source = f"{type(datamodule).__name__}.eval_problems({self._split!r})"
             where = [f"{source}, problem {index}" for index in range(len(problems))]
         problems = problems[: self.num_problems]
         where = where[: self.num_problems]

@@ -53,6 +53,7 @@ def build_cli_class():
 def run_lightning_cli(args: list[str] | None) -> None:
     from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from callbacks.predictions import PredictionWriter
     from phi2tutor.data import MathDataModule
     from phi2tutor.model import TutorModule
 
@@ -66,7 +67,8 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
             },
-            "callbacks": [LearningRateMonitor(logging_interval="step")],
+            # Always on: the lr curve is part of every report, predict always writes its file.
+            "callbacks": [LearningRateMonitor(logging_interval="step"), PredictionWriter()],
         },
         parser_kwargs={"description": DESCRIPTION},
         save_config_kwargs={"overwrite": True},

@@ -1,0 +1,48 @@
+"""PredictionWriter: `phi2tutor predict` writes one JSON line per question (question, generation,
+extracted answer) with the same answer extraction as grading and `score`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+from phi2tutor.grading import extract_answer
+
+
+class PredictionWriter(BasePredictionWriter):
+    def __init__(self, output_path: str | None = None, decimal_comma: bool = False) -> None:
+        """Write predictions as JSON lines when ``predict`` ends.
+
+        Args:
+            output_path: The .jsonl file to write; default ``predictions.jsonl`` in the run directory.
+            decimal_comma: Read "2,5" as 2.5 when extracting answers (Spanish tutors).
+        """
+        super().__init__(write_interval="epoch")
+        self.output_path = output_path
+        self.decimal_comma = decimal_comma
+        self.written_path: Path | None = None
+
+    def write_on_epoch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        predictions: list[Any],
+        batch_indices: list[Any],
+    ) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [row for batch in predictions for row in batch]
+        with path.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                extracted = extract_answer(row["generation"], self.decimal_comma)
+                handle.write(json.dumps({**row, "extracted_answer": extracted}, ensure_ascii=False) + "\n")
+        self.written_path = path
+        rank_zero_info(f"phi2tutor | wrote {len(rows)} predictions to {path}")
