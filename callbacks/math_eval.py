@@ -60,6 +60,8 @@ class MathAnswerEval(Callback):
             log as a TensorBoard text table (0: none).
         problems_file: a .jsonl file of {"question": ..., "answer": "... #### N"} rows to use instead of
             the datamodule's eval_problems("val").
+        evaluate_before_training: also grade the untouched base (plus a fresh, zero-effect LoRA) when fit
+            starts, logged at step 0, so the curve and the report show accuracy before and after.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class MathAnswerEval(Callback):
         decimal_comma: bool = False,
         num_samples_logged: int = 8,
         problems_file: str | None = None,
+        evaluate_before_training: bool = False,
     ) -> None:
         for name, value, minimum in (
             ("every_n_epochs", every_n_epochs, 0),
@@ -90,6 +93,7 @@ class MathAnswerEval(Callback):
         self.decimal_comma = decimal_comma
         self.num_samples_logged = num_samples_logged
         self.problems_file = problems_file
+        self.evaluate_before_training = evaluate_before_training
         self.history: list[dict[str, Any]] = []
         self.last_samples: list[dict[str, Any]] = []
         # Counted rather than derived from current_epoch so that val_check_interval < 1 works too.
@@ -116,6 +120,15 @@ class MathAnswerEval(Callback):
             )
         # Loaded now, not at the first evaluation, so bad problems fail before an epoch of training is spent.
         self._problems = self._load_problems(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resumed run already has its "before" entry.
+        if not self.evaluate_before_training or trainer.global_step > 0 or self.history:
+            return
+        result = self._evaluate(trainer, pl_module, "before_training")
+        metrics = {ACCURACY_KEY: result["accuracy"], INVALID_RATE_KEY: result["invalid_rate"]}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=0)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

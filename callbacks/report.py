@@ -1,0 +1,248 @@
+"""TrainingReport: when fit ends, or is interrupted, writes run.json (what the event files cannot hold:
+model, parameters, hardware, precision, time, why it stopped) and the training report of phi2tutor.report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from callbacks.phases import PhaseDetection
+from phi2tutor.errors import Phi2TutorError
+from phi2tutor.report import LANGUAGES, RUN_JSON, write_report
+
+# CUDA cores per streaming multiprocessor by compute capability (NVIDIA's CUDA C Programming Guide,
+# "Arithmetic Instructions"); torch reports multiprocessors, not cores.
+CUDA_CORES_PER_SM = {
+    (6, 0): 64,
+    (6, 1): 128,
+    (6, 2): 128,
+    (7, 0): 64,
+    (7, 2): 64,
+    (7, 5): 64,
+    (8, 0): 64,
+    (8, 6): 128,
+    (8, 7): 128,
+    (8, 9): 128,
+    (9, 0): 128,
+}
+
+
+class TrainingReport(Callback):
+    """Write the training report into the run directory when fit ends, and when it is interrupted.
+
+    At the end of fit (after every other callback's ``on_fit_end``, so memory.json is there) it writes
+    ``run.json`` and then ``report.md``, ``report.json`` and the figures from the run's event files with
+    ``phi2tutor.report.write_report``: the same code as ``phi2tutor report RUN_DIR``. On an interruption
+    (Ctrl+C) or an error it does the same from what was logged so far, and never hides the original error.
+
+    Args:
+        language: language of report.md, ``"en"`` or ``"es"``.
+        output_dir: directory for the report; default the run directory (``trainer.log_dir``).
+        phase_boundaries: last epochs of the first learning phases, to use instead of detecting them.
+        figures: also draw the PNG figures.
+    """
+
+    def __init__(
+        self,
+        language: str = "en",
+        output_dir: str | None = None,
+        phase_boundaries: list[int] | None = None,
+        figures: bool = True,
+    ) -> None:
+        super().__init__()
+        if language not in LANGUAGES:
+            raise Phi2TutorError(
+                f"TrainingReport: language={language!r} is not available; use one of {', '.join(LANGUAGES)}."
+            )
+        self.language = language
+        self.output_dir = output_dir
+        self.phase_boundaries = phase_boundaries
+        self.figures = figures
+        self.report_path: Path | None = None
+        self._started_wall: float | None = None
+        self._started_at: str | None = None
+        self._written = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._written = False
+            self._mark_start()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The training loop's own duration, as the HF Trainer's train_runtime measures it: model loading
+        # and the sanity check are not training.
+        self._mark_start()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # teardown runs after every callback's on_fit_end (GPUMemoryProfiler writes memory.json there).
+        if stage != "fit" or self._written:
+            return
+        stop = {"reason": "interrupted", "exception": "KeyboardInterrupt"} if trainer.interrupted else None
+        try:
+            self._write(trainer, pl_module, stop or stop_reason(trainer))
+        except Phi2TutorError as error:
+            rank_zero_warn(f"TrainingReport: no report written: {error}")
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if self._written or trainer.state.fn != "fit":
+            return
+        kind = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        stop = {
+            "reason": kind,
+            "exception": type(exception).__name__,
+            "epoch": trainer.current_epoch + 1,
+            "message": str(exception).strip().splitlines()[0][:300] if str(exception).strip() else None,
+        }
+        try:
+            self._write(trainer, pl_module, stop)
+        except Exception as error:  # the report must never replace the error that stopped the run
+            rank_zero_warn(f"TrainingReport: no report written after the {kind} run: {error}")
+
+    # ------------------------------------------------------------------------------------------ the work
+    def _mark_start(self) -> None:
+        self._started_wall = time.time()
+        self._started_at = _now_iso()
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stop: dict[str, Any]) -> None:
+        self._written = True
+        if not trainer.is_global_zero:
+            return
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # The TensorBoard writer buffers events; what it holds must reach the file the report reads.
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.flush()
+        (run_dir / RUN_JSON).write_text(json.dumps(self.run_info(trainer, pl_module, stop), indent=2) + "\n")
+        report = write_report(
+            run_dir,
+            self.output_dir,
+            language=self.language,
+            phase_boundaries=self.phase_boundaries,
+            draw_figures=self.figures,
+        )
+        self.report_path = Path(self.output_dir or run_dir) / "report.md"
+        general = report["general"]
+        rank_zero_info(
+            f"phi2tutor | training report: {self.report_path} | final loss {general['final_loss']}, mean loss "
+            f"{general['mean_loss']}, total loss reduction {report['phases']['total_reduction_pct']}%"
+        )
+
+    def run_info(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stop: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The content of run.json: what the report needs and the event files do not hold."""
+        ended = time.time()
+        model = getattr(pl_module, "model", None) or pl_module
+        hparams = getattr(pl_module, "hparams", {}) or {}
+        info: dict[str, Any] = {
+            "base_model": getattr(pl_module, "model_source", None) or hparams.get("model_name_or_path"),
+            "model_class": type(_base_model(model)).__name__,
+            **count_parameters(model),
+            "hardware": describe_hardware(trainer.strategy.root_device),
+            "precision": str(trainer.precision),
+            "quantization": hparams.get("quantization"),
+            "compute_dtype": hparams.get("compute_dtype"),
+            "started_at": self._started_at,
+            "ended_at": _now_iso(),
+            "duration_seconds": round(ended - self._started_wall, 2) if self._started_wall else None,
+            "epochs_run": trainer.current_epoch,
+            "max_epochs": trainer.max_epochs,
+            "max_steps": trainer.max_steps,
+            "global_step": trainer.global_step,
+            "stop": stop,
+        }
+        detector = next((cb for cb in trainer.callbacks if isinstance(cb, PhaseDetection)), None)
+        if detector is not None:
+            info["phase_detection"] = {
+                "monitor": detector.monitor,
+                "window": detector.window,
+                "fine_tuning_below": detector.fine_tuning_below,
+                "stabilization_below": detector.stabilization_below,
+                "unit": detector.unit,
+                "boundaries": [transition.boundary for transition in detector.transitions],
+            }
+        return info
+
+
+def stop_reason(trainer: pl.Trainer) -> dict[str, Any]:
+    """Why a fit that ended normally stopped: an early-stopping callback, max_steps, max_epochs, or another
+    callback that set ``trainer.should_stop``."""
+    for callback in trainer.callbacks:
+        reason = getattr(callback, "stopping_reason", None)
+        if reason is not None and getattr(reason, "name", "NOT_STOPPED") != "NOT_STOPPED":
+            name = type(callback).__name__
+            return {
+                "reason": "plateau" if name == "PlateauStopping" else "early_stopping",
+                "callback": name,
+                "epoch": getattr(callback, "stopped_epoch", trainer.current_epoch - 1) + 1,
+                "message": getattr(callback, "stopping_reason_message", None),
+            }
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return {"reason": "max_steps", "step": trainer.max_steps}
+    if trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs:
+        return {"reason": "max_epochs", "epoch": trainer.max_epochs}
+    if trainer.should_stop:
+        return {"reason": "stopped", "epoch": trainer.current_epoch}
+    return {"reason": "unknown"}
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total and trainable parameters. bitsandbytes packs two 4-bit weights in each uint8 element."""
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total_parameters": int(total), "trainable_parameters": int(trainable)}
+
+
+def describe_hardware(device: torch.device) -> dict[str, Any]:
+    """The GPU's name, memory, multiprocessors (and CUDA cores where the architecture is known), or the CPU."""
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        cores_per_sm = CUDA_CORES_PER_SM.get((properties.major, properties.minor))
+        return {
+            "kind": "cuda",
+            "name": properties.name,
+            "memory_mb": round(properties.total_memory / 2**20),
+            "multiprocessors": properties.multi_processor_count,
+            "compute_capability": f"{properties.major}.{properties.minor}",
+            "cuda_cores": properties.multi_processor_count * cores_per_sm if cores_per_sm else None,
+        }
+    return {
+        "kind": device.type,
+        "name": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
