@@ -1,0 +1,1054 @@
+"""Peak GPU memory of a fine-tuning configuration, estimated from the model's shape before any weight
+is loaded: weights by quantization, LoRA weights, gradients and optimizer states, activations,
+logits, allocator overhead and CUDA context. Pure functions; ``phi2tutor plan`` prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phi2tutor.errors import Phi2TutorError
+
+MB = 2**20  # "MB" as torch.cuda's memory statistics and the reference run report it: MiB.
+
+DEFAULT_BUDGET_MB = 4096.0
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+QUANTIZATIONS = ("none", "nf4", "nf4-double", "int8")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+PRECISIONS = {
+    # Lightning precision -> (autocast to a 16-bit dtype, bytes of trainable weights)
+    "16-mixed": (True, 4),
+    "bf16-mixed": (True, 4),
+    "16": (True, 4),
+    "bf16": (True, 4),
+    "32-true": (False, 4),
+    "32": (False, 4),
+    "16-true": (False, 2),
+    "bf16-true": (False, 2),
+}
+FP32_SCORES_ATTENTION = "phi2tutor_fp32_scores"  # phi2tutor.attention registers it under this name
+ATTENTIONS = ("eager", "sdpa", FP32_SCORES_ATTENTION)
+
+# Layout constants of bitsandbytes (0.45 - 0.50), read from bitsandbytes/functional.py and
+# bitsandbytes/optim/optimizer.py; tests check them against real tensors.
+NF4_BLOCKSIZE = 64  # quantize_4bit: one absmax per 64 weights
+NF4_CODE_ENTRIES = 16  # QuantState.code: the 16 NF4 values, fp32, one copy per layer
+NESTED_BLOCKSIZE = 256  # double quantization: the absmax values are quantized in blocks of 256
+DYNAMIC_CODE_ENTRIES = 256  # 8-bit dynamic map (state2.code per layer, qmap1/qmap2 of 8-bit optimizers)
+OPTIMIZER_8BIT_BLOCKSIZE = 256
+OPTIMIZER_8BIT_MIN_SIZE = 4096  # smaller parameters keep 32-bit state (min_8bit_size)
+PAGED_MIN_NUMEL = 100_000  # paged optimizers page state buffers of at least this many elements
+
+# Not seen by torch.cuda.max_memory_allocated, but the card must hold it. Measured contexts of
+# CUDA 12 with cuBLAS loaded lie between ~300 and ~400 MB on Pascal cards.
+DEFAULT_CUDA_CONTEXT_MB = 350.0
+# reserved / max allocated - 1 of the reference run (3228 / 3087.42 MB = +4.6%), rounded up.
+DEFAULT_ALLOCATOR_OVERHEAD_FRACTION = 0.05
+
+# Shapes of models whose config.json is known, so `plan` works without the hub.
+KNOWN_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "microsoft/phi-2": {
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 51200,
+        "partial_rotary_factor": 0.4,
+        "max_position_embeddings": 2048,
+        "hidden_act": "gelu_new",
+        "resid_pdrop": 0.1,
+        "embd_pdrop": 0.0,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+    },
+    "microsoft/phi-1_5": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 51200,
+        "partial_rotary_factor": 0.5,
+        "max_position_embeddings": 2048,
+        "hidden_act": "gelu_new",
+        "tie_word_embeddings": False,
+    },
+}
+
+Terms = list[tuple[str, int]]
+
+
+# --------------------------------------------------------------------------- model shape
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a PhiForCausalLM that decide its memory."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    partial_rotary_factor: float = 0.5
+    max_position_embeddings: int = 2048
+    hidden_act: str = "gelu_new"
+    resid_pdrop: float = 0.0
+    tie_word_embeddings: bool = False
+    qk_layernorm: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_size * self.partial_rotary_factor)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each linear layer of one decoder layer, by module name."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_size
+        return {
+            "q_proj": (self.num_attention_heads * d, h),
+            "k_proj": (self.kv_heads * d, h),
+            "v_proj": (self.kv_heads * d, h),
+            "dense": (h, self.num_attention_heads * d),
+            "fc1": (i, h),
+            "fc2": (h, i),
+        }
+
+
+def model_shape(model_config: Any) -> ModelShape:
+    """ModelShape of a PhiConfig-like object, a dict of its fields, or a ModelShape."""
+    if isinstance(model_config, ModelShape):
+        return model_config
+    if isinstance(model_config, Mapping):
+        values = dict(model_config)
+    elif hasattr(model_config, "to_dict"):  # a transformers config
+        values = model_config.to_dict()
+    else:
+        values = dict(vars(model_config))
+    rope = values.get("rope_parameters") or values.get("rope_scaling") or {}
+    partial = values.get("partial_rotary_factor")
+    if partial is None:
+        partial = rope.get("partial_rotary_factor", 0.5) if isinstance(rope, Mapping) else 0.5
+    missing = [
+        name
+        for name in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        )
+        if values.get(name) is None
+    ]
+    if missing:
+        raise ValueError(f"the model config lacks {', '.join(missing)}")
+    return ModelShape(
+        hidden_size=int(values["hidden_size"]),
+        intermediate_size=int(values["intermediate_size"]),
+        num_hidden_layers=int(values["num_hidden_layers"]),
+        num_attention_heads=int(values["num_attention_heads"]),
+        vocab_size=int(values["vocab_size"]),
+        num_key_value_heads=values.get("num_key_value_heads"),
+        head_dim=values.get("head_dim"),
+        partial_rotary_factor=float(partial),
+        max_position_embeddings=int(values.get("max_position_embeddings") or 2048),
+        hidden_act=str(values.get("hidden_act") or "gelu_new"),
+        resid_pdrop=float(values.get("resid_pdrop") or 0.0),
+        tie_word_embeddings=bool(values.get("tie_word_embeddings", False)),
+        qk_layernorm=bool(values.get("qk_layernorm", False)),
+    )
+
+
+def load_model_config(model_name_or_path: str | None, model_config: dict | None = None):
+    """The transformers config of a model, without loading weights.
+
+    Order: ``model_config`` (PhiConfig keyword arguments); a local directory with config.json; the
+    Hugging Face cache; the table of known shapes (so microsoft/phi-2 works offline); the hub.
+    """
+    from transformers import AutoConfig, PhiConfig
+
+    if model_config is not None:
+        try:
+            return PhiConfig(**model_config)
+        except (TypeError, ValueError) as error:
+            raise Phi2TutorError(f"model.model_config is not a valid PhiConfig: {error}") from None
+    if not model_name_or_path:
+        raise Phi2TutorError(
+            "Give model.model_name_or_path (hub id or local directory) or model.model_config."
+        )
+    path = Path(model_name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise Phi2TutorError(f"The model directory {str(path)!r} has no config.json.")
+        return AutoConfig.from_pretrained(str(path))
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path, local_files_only=True)
+    except (OSError, ValueError):
+        pass
+    # Known before the network: without a connection the hub client retries for ~25 s.
+    if model_name_or_path in KNOWN_MODEL_CONFIGS:
+        return PhiConfig(**KNOWN_MODEL_CONFIGS[model_name_or_path])
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as error:
+        raise Phi2TutorError(
+            f"Could not read the config of {model_name_or_path!r}: it is not a local directory, not in the "
+            f"Hugging Face cache, not reachable on the hub ({str(error).strip().splitlines()[0]}) and not one "
+            f"of the shapes known offline ({', '.join(KNOWN_MODEL_CONFIGS)}). Give model.model_config "
+            "(PhiConfig fields) or a local directory with config.json."
+        ) from None
+
+
+# --------------------------------------------------------------------------- exact tensor bytes
+def quantized_linear_bytes(out_features: int, in_features: int, quantization: str) -> dict[str, int]:
+    """Bytes of the frozen weight of one linear layer (without bias), as bitsandbytes stores it.
+
+    Returns ``{"weight": ..., "quant_state": ...}``: the packed/int8/float weight, and the tensors
+    that dequantize it (absmax, codes, offset, second-level state; SCB row scales for int8).
+    """
+    numel = out_features * in_features
+    if quantization in ("nf4", "nf4-double"):
+        blocks = math.ceil(numel / NF4_BLOCKSIZE)
+        packed = (numel + 1) // 2  # two 4-bit values per uint8
+        code = NF4_CODE_ENTRIES * 4
+        if quantization == "nf4":
+            return {"weight": packed, "quant_state": blocks * 4 + code}
+        nested_blocks = math.ceil(blocks / NESTED_BLOCKSIZE)
+        # uint8 absmax per block; fp32 offset; state2: fp32 absmax per 256 blocks + its own code copy.
+        state = blocks + 4 + nested_blocks * 4 + DYNAMIC_CODE_ENTRIES * 4 + code
+        return {"weight": packed, "quant_state": state}
+    if quantization == "int8":
+        return {"weight": numel, "quant_state": out_features * 4}  # int8 CB + fp32 SCB per row
+    raise ValueError(f"quantization {quantization!r} is not a bitsandbytes format")
+
+
+def base_weight_breakdown(
+    model_config: Any, quantization: str = "nf4-double", weights_dtype: str = "float16"
+) -> Terms:
+    """Bytes of the frozen base model's tensors (parameters, quantization state, buffers).
+
+    The decoder's linear layers are quantized; the embeddings, lm_head (transformers never
+    quantizes the output embedding), biases and layer norms stay in ``weights_dtype``.
+    """
+    _check_choice("quantization", quantization, QUANTIZATIONS)
+    shape = model_shape(model_config)
+    wb = DTYPE_BYTES[weights_dtype]
+    h, v, n = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
+    linears = shape.linear_shapes()
+    linear_numel = sum(o * i for o, i in linears.values())
+    bias_numel = sum(o for o, _ in linears.values())
+    norm_numel = 2 * h + (4 * shape.head_size if shape.qk_layernorm else 0)
+    terms: Terms = []
+    if quantization == "none":
+        terms.append((f"decoder linear weights ({n}x{len(linears)}, {weights_dtype})", n * linear_numel * wb))
+    else:
+        packed = state = 0
+        for out_features, in_features in linears.values():
+            parts = quantized_linear_bytes(out_features, in_features, quantization)
+            packed += parts["weight"]
+            state += parts["quant_state"]
+        label = "int8" if quantization == "int8" else "4-bit packed"
+        terms.append((f"decoder linear weights ({n}x{len(linears)}, {quantization}: {label})", n * packed))
+        terms.append(
+            (
+                f"quantization state ({'SCB row scales' if quantization == 'int8' else 'absmax, codes'})",
+                n * state,
+            )
+        )
+    terms.append((f"embed_tokens ({weights_dtype}, not quantized)", v * h * wb))
+    if not shape.tie_word_embeddings:
+        terms.append((f"lm_head weight + bias ({weights_dtype}, not quantized)", (v * h + v) * wb))
+    else:
+        terms.append((f"lm_head bias ({weights_dtype})", v * wb))
+    terms.append((f"biases and layer norms ({weights_dtype})", (n * (bias_numel + norm_numel) + 2 * h) * wb))
+    # inv_freq and original_inv_freq, fp32, (rotary_dim + 1) // 2 entries each
+    terms.append(("rotary embedding buffers (fp32)", 2 * ((shape.rotary_dim + 1) // 2) * 4))
+    return terms
+
+
+def lora_parameter_shapes(
+    model_config: Any, r: int, target_modules: Sequence[str] = DEFAULT_LORA_TARGETS
+) -> list[tuple[int, int]]:
+    """Shapes of every LoRA tensor (A: r x in, B: out x r) of every targeted layer, in model order."""
+    shape = model_shape(model_config)
+    linears = shape.linear_shapes()
+    unknown = [m for m in target_modules if m not in linears]
+    if unknown:
+        raise ValueError(f"lora_target_modules {unknown} are not linear layers of Phi ({', '.join(linears)})")
+    per_layer = []
+    for name in target_modules:
+        out_features, in_features = linears[name]
+        per_layer += [(r, in_features), (out_features, r)]
+    return per_layer * shape.num_hidden_layers
+
+
+def modules_to_save_shapes(model_config: Any, modules_to_save: Sequence[str]) -> list[tuple[int, ...]]:
+    """Shapes of the trainable copies peft makes of ``modules_to_save`` (embed_tokens, lm_head)."""
+    shape = model_shape(model_config)
+    shapes: list[tuple[int, ...]] = []
+    for name in modules_to_save:
+        if name == "embed_tokens":
+            shapes.append((shape.vocab_size, shape.hidden_size))
+        elif name == "lm_head":
+            shapes += [(shape.vocab_size, shape.hidden_size), (shape.vocab_size,)]
+        else:
+            raise ValueError(f"modules_to_save {name!r}: the planner knows embed_tokens and lm_head")
+    return shapes
+
+
+def optimizer_state_bytes(
+    parameter_numels: Iterable[int], optimizer: str = "paged_adamw8bit", parameter_bytes: int = 4
+) -> tuple[int, int]:
+    """(bytes in PyTorch's allocator, bytes in paged unified memory) of the optimizer states.
+
+    torch AdamW: exp_avg and exp_avg_sq in the parameter dtype (its step counter stays on the host).
+    bitsandbytes 8-bit AdamW: two uint8 states plus two fp32 absmax per 256-value block, one shared
+    pair of 256-entry fp32 quantization maps; parameters under 4096 elements keep two fp32 states.
+    The paged variant allocates state buffers of >= 100k elements in CUDA unified memory.
+    """
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    allocated = paged = 0
+    any_8bit = False
+    for numel in parameter_numels:
+        if optimizer == "adamw":
+            allocated += 2 * numel * parameter_bytes
+            continue
+        if numel < OPTIMIZER_8BIT_MIN_SIZE:
+            states = 2 * numel * 4
+        else:
+            any_8bit = True
+            states = 2 * numel
+            allocated += 2 * math.ceil(numel / OPTIMIZER_8BIT_BLOCKSIZE) * 4
+        if optimizer == "paged_adamw8bit" and numel >= PAGED_MIN_NUMEL:
+            paged += states
+        else:
+            allocated += states
+    if any_8bit:
+        allocated += 2 * DYNAMIC_CODE_ENTRIES * 4
+    return allocated, paged
+
+
+# --------------------------------------------------------------------------- activations
+@dataclass
+class _Flow:
+    """Dtypes (as byte widths) and options that decide which tensors a training step keeps."""
+
+    shape: ModelShape
+    quantization: str
+    autocast: bool
+    weights_bytes: int
+    lora_bytes: int
+    lora_targets: tuple[str, ...]
+    lora_dropout: float
+    lora_r: int
+    attention: str
+    embed_trainable: bool
+    lm_head_trainable: bool
+
+    @property
+    def autocast_bytes(self) -> int:
+        return 2
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
+
+    def linear_out(self, in_bytes: int) -> int:
+        # bitsandbytes' Linear4bit casts its output back to the input dtype and MatMul8bitLt returns
+        # the input dtype; a plain frozen Linear follows autocast.
+        if self.quantized:
+            return in_bytes
+        return self.autocast_bytes if self.autocast else in_bytes
+
+    def lora_in(self) -> int:
+        # Under autocast the LoRA Linear casts its input to fp16; without it peft casts the input to
+        # the LoRA weight dtype.
+        return self.autocast_bytes if self.autocast else self.lora_bytes
+
+    def lora_out(self, base_out: int) -> int:
+        return self.autocast_bytes if self.autocast else base_out
+
+
+def _layer_activations(
+    flow: _Flow, x_bytes: int, tokens: int, seq: int, batch: int, input_requires_grad: bool = True
+) -> tuple[Terms, int]:
+    """Tensors one decoder layer saves for backward, per the code of transformers' PhiDecoderLayer,
+    peft's LoRA Linear and bitsandbytes' layers (dropout masks as CUDA's 1-byte bool masks).
+
+    An op saves an input only when the backward needs it: a matmul keeps one operand because the
+    other requires grad, a frozen linear keeps nothing of its input. ``input_requires_grad`` is
+    false for the first layer when nothing before it is trainable (no gradient checkpointing,
+    frozen embeddings): that layer then keeps only what its LoRA weights need.
+    Returns the terms and the byte width of the layer's output (the next layer's input).
+    """
+    s = flow.shape
+    h, inter, heads = s.hidden_size, s.intermediate_size, s.num_attention_heads
+    lin = s.linear_shapes()
+    t = tokens
+    ac = flow.autocast_bytes
+    terms: Terms = []
+    shared: dict[str, int] = {}  # tensors several ops save, counted once
+    x_grad = input_requires_grad
+
+    if x_grad:
+        # autocast runs layer_norm in fp32: the saved input is an fp32 copy of a 16-bit input
+        terms.append(("input_layernorm input", t * h * (4 if flow.autocast else x_bytes)))
+        terms.append(("input_layernorm mean/rstd (fp32)", t * 2 * 4))
+    y = 4 if flow.autocast else x_bytes  # layernorm output
+
+    def base_and_lora(module: str, src_name: str, src_bytes: int, src_grad: bool) -> tuple[int, bool]:
+        out_features, in_features = lin[module]
+        base_out = flow.linear_out(src_bytes)
+        if flow.quantization == "int8" and src_grad:
+            shared[src_name] = t * in_features * src_bytes  # MatMul8bitLt keeps its input
+        if module not in flow.lora_targets:
+            return base_out, src_grad
+        want = flow.lora_in()
+        if flow.lora_dropout > 0:
+            if src_grad:
+                terms.append((f"{module} LoRA dropout mask (bool)", t * in_features))
+            terms.append(
+                (f"{module} LoRA input (dropout output, {_dtype_name(want)})", t * in_features * want)
+            )
+        elif want != src_bytes:
+            terms.append((f"{module} LoRA input ({_dtype_name(want)} copy)", t * in_features * want))
+        else:
+            shared[src_name] = t * in_features * src_bytes
+        a_out = ac if flow.autocast else flow.lora_bytes
+        terms.append((f"{module} LoRA A output", t * flow.lora_r * a_out))
+        return max(base_out, flow.lora_out(base_out)), True
+
+    q, q_grad = base_and_lora("q_proj", "layernorm output", y, x_grad)
+    k, k_grad = base_and_lora("k_proj", "layernorm output", y, x_grad)
+    v, v_grad = base_and_lora("v_proj", "layernorm output", y, x_grad)
+    # Rotary embedding: q * cos + rotate_half(q) * sin promotes to the wider of q and cos.
+    rope = 4 if flow.embed_trainable else flow.weights_bytes
+    q, k = max(q, rope), max(k, rope)
+    scores = batch * heads * seq * seq
+    scores_grad = q_grad or k_grad
+    attn_grad = scores_grad or v_grad
+    if flow.attention == "sdpa":
+        sdpa = ac if flow.autocast else q
+        if attn_grad:
+            # memory-efficient kernel: q, k, v, its output and the fp32 logsumexp
+            terms.append((f"attention q, k, v, output (sdpa, {_dtype_name(sdpa)})", 4 * t * h * sdpa))
+            terms.append(("attention logsumexp (fp32)", batch * heads * math.ceil(seq / 32) * 32 * 4))
+        attn_out = sdpa
+    else:
+        # a matmul keeps each operand for the other's gradient
+        if flow.attention == FP32_SCORES_ATTENTION:
+            qk_saved = (4, 4)  # query.float() * scale and key.float(), autocast off
+            probs = ac if flow.autocast else v  # .to(value.dtype), then autocast's matmul
+        else:
+            qk_saved = (ac, ac) if flow.autocast else (q, k)
+            probs = ac if flow.autocast else q  # .to(query.dtype)
+        value = ac if flow.autocast else v
+        if k_grad:
+            terms.append((f"attention query ({_dtype_name(qk_saved[0])})", t * h * qk_saved[0]))
+        if q_grad:
+            terms.append((f"attention key ({_dtype_name(qk_saved[1])})", t * h * qk_saved[1]))
+        if scores_grad:
+            terms.append(("attention probabilities (softmax output, fp32)", scores * 4))
+        if v_grad and probs != 4:
+            terms.append(
+                (f"attention probabilities ({_dtype_name(probs)} copy for probs @ V)", scores * probs)
+            )
+        elif v_grad and not scores_grad:
+            terms.append(("attention probabilities (fp32, for probs @ V)", scores * 4))
+        if scores_grad:
+            terms.append((f"attention value ({_dtype_name(value)})", t * h * value))
+        attn_out = ac if flow.autocast else probs
+    dense_out, dense_grad = base_and_lora("dense", "attention output", attn_out, attn_grad)
+    if s.resid_pdrop > 0 and dense_grad:
+        terms.append(("residual dropout mask, attention branch (bool)", t * h))
+
+    f, f_grad = base_and_lora("fc1", "layernorm output", y, x_grad)
+    if f_grad and s.hidden_act == "gelu_new":
+        # transformers' NewGELUActivation is Python arithmetic: pow keeps x, tanh its output, and
+        # the final product both factors.
+        terms.append((f"MLP fc1 output and gelu_new intermediates (4 x {_dtype_name(f)})", 4 * t * inter * f))
+    elif f_grad:
+        terms.append((f"MLP fc1 output ({_dtype_name(f)})", t * inter * f))
+    ff, ff_grad = base_and_lora("fc2", "MLP activation output", f, f_grad)
+    if s.resid_pdrop > 0 and ff_grad:
+        terms.append(("residual dropout mask, MLP branch (bool)", t * h))
+    for name, nbytes in shared.items():
+        terms.append((f"{name} (kept for LoRA/int8)", nbytes))
+    return terms, max(dense_out, ff, x_bytes)
+
+
+def _layer_constants(flow: _Flow) -> Terms:
+    """Per-layer tensors independent of the number of tokens: autocast's fp16 weight copies."""
+    if not flow.autocast:
+        return []
+    s = flow.shape
+    lin = s.linear_shapes()
+    lora = sum(flow.lora_r * (o + i) for m, (o, i) in lin.items() if m in flow.lora_targets)
+    terms = [("autocast fp16 copies of LoRA weights", lora * flow.autocast_bytes)]
+    if flow.weights_bytes != flow.autocast_bytes:
+        # layer_norm weight/bias to fp32 (autocast), frozen fp32 Linear weights to fp16
+        terms.append(("autocast copies of layer norm weights (fp32)", 2 * s.hidden_size * 4))
+        if not flow.quantized:
+            terms.append(
+                ("autocast fp16 copies of frozen linear weights", sum(o * i for o, i in lin.values()) * 2)
+            )
+    return terms
+
+
+def _attention_mask_bytes(flow: _Flow, batch: int, seq: int) -> int:
+    if flow.attention == "sdpa":
+        return batch * seq * seq if batch > 1 else 0  # bool mask only when padding is present
+    return batch * seq * seq * (4 if flow.embed_trainable else flow.weights_bytes)
+
+
+def _sum(terms: Terms) -> int:
+    return sum(nbytes for _, nbytes in terms)
+
+
+def _dtype_name(nbytes: int) -> str:
+    return {1: "int8", 2: "fp16", 4: "fp32"}[nbytes]
+
+
+def _check_choice(option: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+# --------------------------------------------------------------------------- the estimate
+@dataclass
+class MemoryEstimate:
+    """Estimated memory of one training configuration; byte counts, MB properties for display."""
+
+    model: ModelShape
+    settings: dict[str, Any]
+    breakdown: Terms  # tensors in PyTorch's allocator at the peak; sums to the peak allocated
+    outside_allocator: Terms  # paged optimizer states, allocator reserve, CUDA context
+    peak_phase: str
+    phases: dict[str, Terms]  # allocator terms at each candidate peak of a step
+    weight_bytes: int
+    trainable_parameter_count: int
+    trainable_parameter_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int  # including paged states
+    paged_optimizer_state_bytes: int
+    model_name: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def phase_peaks(self) -> Terms:
+        """Allocated bytes at each candidate peak of a step."""
+        return [(name, _sum(terms)) for name, terms in self.phases.items()]
+
+    @property
+    def estimated_peak_allocated_bytes(self) -> int:
+        return _sum(self.breakdown)
+
+    @property
+    def estimated_peak_bytes(self) -> int:
+        return self.estimated_peak_allocated_bytes + _sum(self.outside_allocator)
+
+    @property
+    def estimated_peak_allocated_mb(self) -> float:
+        """What torch.cuda.max_memory_allocated would report, in MB."""
+        return self.estimated_peak_allocated_bytes / MB
+
+    @property
+    def estimated_peak_mb(self) -> float:
+        """What the card must hold: allocated + allocator reserve + paged states + CUDA context."""
+        return self.estimated_peak_bytes / MB
+
+    def fits(self, budget_mb: float) -> bool:
+        return self.estimated_peak_mb <= budget_mb
+
+    def to_dict(self, budget_mb: float | None = None, max_micro_batch: int | None = None) -> dict[str, Any]:
+        """JSON-ready summary; ``budget_mb`` adds fits and percent_of_budget."""
+
+        def rows(terms: Terms) -> list[dict[str, Any]]:
+            return [{"name": name, "bytes": nbytes, "mb": round(nbytes / MB, 2)} for name, nbytes in terms]
+
+        result: dict[str, Any] = {
+            "model_name": self.model_name,
+            "estimated_peak_mb": round(self.estimated_peak_mb, 2),
+            "estimated_peak_allocated_mb": round(self.estimated_peak_allocated_mb, 2),
+            "peak_phase": self.peak_phase,
+            "breakdown": rows(self.breakdown),
+            "outside_allocator": rows(self.outside_allocator),
+            "phase_peaks_allocated": rows(self.phase_peaks),
+            "weight_mb": round(self.weight_bytes / MB, 2),
+            "trainable_parameters": self.trainable_parameter_count,
+            "optimizer_state_mb": round(self.optimizer_state_bytes / MB, 2),
+            "settings": dict(self.settings),
+            "model": asdict(self.model),
+            "notes": list(self.notes),
+        }
+        if budget_mb is not None:
+            result["budget_mb"] = budget_mb
+            result["fits"] = self.fits(budget_mb)
+            result["percent_of_budget"] = round(100 * self.estimated_peak_mb / budget_mb, 1)
+        if max_micro_batch is not None:
+            result["max_micro_batch"] = max_micro_batch
+        return result
+
+
+def estimate_memory(
+    model_config: Any,
+    *,
+    quantization: str = "nf4-double",
+    compute_dtype: str = "float16",
+    precision: str = "16-mixed",
+    lora_r: int = 16,
+    lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    lora_dropout: float = 0.05,
+    modules_to_save: Sequence[str] = (),
+    optimizer: str = "paged_adamw8bit",
+    micro_batch: int = 1,
+    max_length: int = 512,
+    gradient_checkpointing: bool = True,
+    accumulate_grad_batches: int = 1,
+    attention: str = FP32_SCORES_ATTENTION,
+    loss_token_fraction: float = 1.0,
+    loss_chunk_tokens: int | None = None,
+    cuda_context_mb: float = DEFAULT_CUDA_CONTEXT_MB,
+    allocator_overhead_fraction: float = DEFAULT_ALLOCATOR_OVERHEAD_FRACTION,
+    model_name: str | None = None,
+) -> MemoryEstimate:
+    """Peak GPU memory of a LoRA/QLoRA training step of a PhiForCausalLM, from its shape alone.
+
+    The step is TutorModule's: frozen base (bitsandbytes ``quantization``, other tensors in
+    ``compute_dtype``), LoRA weights in fp32 (16-bit under ``16-true``/``bf16-true``), Lightning
+    ``precision``, loss on answer tokens only (``loss_token_fraction`` of the ``micro_batch`` x
+    ``max_length`` positions get logits; ``loss_chunk_tokens`` caps them when the loss is chunked).
+
+    The peak is the largest of five moments of a step: the loss forward (all kept activations plus
+    logits, their fp32 upcast and the log-softmax), the loss backward (three fp32 vocabulary-wide
+    buffers), the backward of the last and of the first decoder layer (one layer's activations,
+    recomputed under gradient checkpointing, plus its backward transients), and the optimizer step.
+    Optimizer states count from the second step on, when the peak is reached; gradients count when
+    they exist (all moments when ``accumulate_grad_batches`` > 1). Sizes in bytes; MB means MiB.
+    """
+    _check_choice("quantization", quantization, QUANTIZATIONS)
+    _check_choice("compute_dtype", compute_dtype, tuple(DTYPE_BYTES))
+    _check_choice("precision", precision, tuple(PRECISIONS))
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_choice("attention", attention, ATTENTIONS)
+    if micro_batch < 1 or max_length < 1 or lora_r < 1 or accumulate_grad_batches < 1:
+        raise ValueError("micro_batch, max_length, lora_r and accumulate_grad_batches must be >= 1")
+    if not 0 < loss_token_fraction <= 1:
+        raise ValueError("loss_token_fraction must be in (0, 1]")
+    shape = model_shape(model_config)
+    settings = {
+        "quantization": quantization,
+        "compute_dtype": compute_dtype,
+        "precision": precision,
+        "lora_r": lora_r,
+        "lora_target_modules": list(lora_target_modules),
+        "lora_dropout": lora_dropout,
+        "modules_to_save": list(modules_to_save),
+        "optimizer": optimizer,
+        "micro_batch": micro_batch,
+        "max_length": max_length,
+        "gradient_checkpointing": gradient_checkpointing,
+        "accumulate_grad_batches": accumulate_grad_batches,
+        "attention": attention,
+        "loss_token_fraction": loss_token_fraction,
+        "loss_chunk_tokens": loss_chunk_tokens,
+        "cuda_context_mb": cuda_context_mb,
+        "allocator_overhead_fraction": allocator_overhead_fraction,
+    }
+    autocast, trainable_bytes = PRECISIONS[precision]
+    wb = DTYPE_BYTES[compute_dtype]
+    h, v, n = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
+    b, seq = micro_batch, max_length
+    tokens = b * seq
+    flow = _Flow(
+        shape=shape,
+        quantization=quantization,
+        autocast=autocast,
+        weights_bytes=wb,
+        lora_bytes=trainable_bytes,
+        lora_targets=tuple(lora_target_modules),
+        lora_dropout=lora_dropout,
+        lora_r=lora_r,
+        attention=attention,
+        embed_trainable="embed_tokens" in modules_to_save,
+        lm_head_trainable="lm_head" in modules_to_save,
+    )
+
+    # Persistent tensors: weights, trainable weights, optimizer states.
+    weights = base_weight_breakdown(shape, quantization, compute_dtype)
+    lora_shapes = lora_parameter_shapes(shape, lora_r, lora_target_modules)
+    saved_shapes = modules_to_save_shapes(shape, modules_to_save)
+    numels = [math.prod(s) for s in lora_shapes + saved_shapes]
+    lora_numel = sum(math.prod(s) for s in lora_shapes)
+    saved_numel = sum(math.prod(s) for s in saved_shapes)
+    trainable_numel = lora_numel + saved_numel
+    trainable_total = trainable_numel * trainable_bytes
+    opt_allocated, opt_paged = optimizer_state_bytes(numels, optimizer, trainable_bytes)
+    persistent = list(weights)
+    persistent.append(
+        (
+            f"LoRA weights (r={lora_r}, {len(lora_target_modules)} modules x {n} layers, {_dtype_name(trainable_bytes)})",
+            lora_numel * trainable_bytes,
+        )
+    )
+    if saved_numel:
+        persistent.append(
+            (f"trainable copies of {', '.join(modules_to_save)}", saved_numel * trainable_bytes)
+        )
+    persistent.append((f"optimizer states ({optimizer})", opt_allocated))
+    grads_total = trainable_total
+    # At the backward of the last decoder layer: its LoRA gradients, and a trainable lm_head's.
+    lm_head_numel = (v * h + v) if "lm_head" in modules_to_save else 0
+    grads_per_layer = (lora_numel // n + lm_head_numel) * trainable_bytes
+
+    grad_dtype = _dtype_name(trainable_bytes)
+
+    def grads(share: int) -> Terms:
+        if accumulate_grad_batches > 1:
+            return [(f"gradients ({grad_dtype}, kept across accumulated micro-batches)", grads_total)]
+        return [(f"gradients ({grad_dtype})", share)] if share else []
+
+    # Activations.
+    layer_terms: list[Terms] = []
+    x_bytes = [4 if flow.embed_trainable else wb]
+    for index in range(n):
+        # Without checkpointing (which makes the embedding output require grad) and with frozen
+        # embeddings, the first layer's input needs no gradient.
+        input_requires_grad = index > 0 or gradient_checkpointing or flow.embed_trainable
+        terms, out_bytes = _layer_activations(flow, x_bytes[-1], tokens, seq, b, input_requires_grad)
+        layer_terms.append(terms)
+        x_bytes.append(out_bytes)
+    layer_saved = [_sum(t) for t in layer_terms]
+    constants = _layer_constants(flow)
+    rotary = [("rotary cos/sin", 2 * seq * shape.rotary_dim * x_bytes[0])]  # position_ids of one row
+    mask = [("attention mask", _attention_mask_bytes(flow, b, seq))]
+    ln_out = 4 if autocast else x_bytes[-1]  # autocast runs layer_norm in fp32
+    final = [("final layernorm input and mean/rstd", tokens * h * ln_out + tokens * 8)]
+    loss_tokens = max(1, math.ceil(tokens * loss_token_fraction))
+    if loss_chunk_tokens:
+        loss_tokens = min(loss_tokens, loss_chunk_tokens)
+    logits_bytes = 2 if autocast else (4 if flow.lm_head_trainable else wb)
+    upcast = 4 if logits_bytes != 4 else 0
+    # TutorModule.target_token_loss holds last_hidden_state while it gathers the answer positions
+    # and casts them for lm_head.
+    head_forward = [
+        ("final layernorm output (last_hidden_state)", tokens * h * ln_out),
+        (
+            "hidden states at answer positions (and their copy for lm_head)",
+            loss_tokens * h * (ln_out + (logits_bytes if logits_bytes != ln_out else 0)),
+        ),
+    ]
+    loss_inputs = []
+    if flow.lm_head_trainable:
+        loss_inputs.append(("lm_head input saved for its weight gradient", loss_tokens * h * logits_bytes))
+    lm_head_copy = []
+    if autocast and (wb == 4 or flow.lm_head_trainable):
+        lm_head_copy = [("autocast fp16 copy of the lm_head weight", v * h * 2)]
+
+    lora_copies = constants[:1]  # the autocast cache holds them while the forward runs
+    if gradient_checkpointing:
+        # Kept through the step: every layer's input (held by its checkpoint) and the tensors the
+        # checkpoints' keyword arguments hold (rotary cos/sin, attention mask).
+        kept = (
+            [("checkpointed decoder layer inputs", sum(tokens * h * xb for xb in x_bytes[:n]))]
+            + rotary
+            + mask
+        )
+        kept_first = [("checkpointed input of decoder layer 0", tokens * h * x_bytes[0])] + rotary + mask
+        forward_only = [(f"{name} (all layers, autocast cache)", nbytes * n) for name, nbytes in lora_copies]
+
+        def recompute(index: int) -> Terms:
+            terms = [(f"recomputed layer: {name}", nbytes) for name, nbytes in layer_terms[index]]
+            if (4 if autocast else x_bytes[index]) == x_bytes[index]:
+                # the layer norm saves the checkpointed input itself, already counted
+                terms = [(k, nb) for k, nb in terms if "input_layernorm input" not in k]
+            return terms + [(f"recomputed layer: {name}", nbytes) for name, nbytes in constants]
+    else:
+        per_layer_constants = [(f"{name} (all layers)", nbytes * n) for name, nbytes in constants]
+        kept = [("activations of all decoder layers", sum(layer_saved))] + rotary + per_layer_constants
+        kept_first = [("activations of decoder layer 0", layer_saved[0])] + rotary + constants
+        forward_only = mask
+
+        def recompute(index: int) -> Terms:
+            return []
+
+    # Backward transients of one layer: fp32 gradients of the attention probabilities, three
+    # MLP-wide gradients, or the dequantized frozen weight bitsandbytes builds for the input gradient.
+    largest_linear = max(o * i for o, i in shape.linear_shapes().values())
+    candidates = {
+        "attention-probability gradients (fp32)": (
+            8 * b * shape.num_attention_heads * seq * seq if attention != "sdpa" else 3 * tokens * h * 4
+        ),
+        "MLP gradients": 3 * tokens * shape.intermediate_size * 4,
+        "dequantized frozen weight": largest_linear * (2 if autocast else wb)
+        if quantization != "none"
+        else 0,
+    }
+    transient_name = max(candidates, key=candidates.__getitem__)
+    backward_work = [
+        (f"backward transient of one layer: {transient_name}", candidates[transient_name]),
+        ("hidden-state gradients (residual stream)", 2 * tokens * h * max(x_bytes)),
+    ]
+    logits = [
+        (
+            f"logits at {loss_tokens} answer positions ({_dtype_name(logits_bytes)})",
+            loss_tokens * v * logits_bytes,
+        )
+    ]
+    if upcast:
+        logits.append(("logits upcast to fp32 for the loss", loss_tokens * v * upcast))
+    log_softmax = [("log-softmax saved for backward (fp32)", loss_tokens * v * 4)]
+    loss_gradients = [
+        ("gradient of the log-softmax output (fp32)", loss_tokens * v * 4),
+        ("gradient of the logits (fp32)", loss_tokens * v * 4),
+    ]
+    head = final + loss_inputs + lm_head_copy
+    optimizer_temporaries = [("optimizer temporaries (torch AdamW foreach)", trainable_total)]
+    phases: dict[str, Terms] = {
+        "loss forward": persistent
+        + grads(0)
+        + kept
+        + forward_only
+        + head
+        + head_forward
+        + logits
+        + log_softmax,
+        "loss backward": persistent + grads(0) + kept + head + log_softmax + loss_gradients,
+        "backward of the last decoder layer": persistent
+        + grads(grads_per_layer)
+        + kept
+        + recompute(n - 1)
+        + backward_work,
+        "backward of the first decoder layer": persistent
+        + grads(grads_total)
+        + kept_first
+        + recompute(0)
+        + backward_work,
+        "optimizer step": persistent
+        + grads(grads_total)
+        + (optimizer_temporaries if optimizer == "adamw" else []),
+    }
+    phase_peaks = [(name, _sum(terms)) for name, terms in phases.items()]
+    peak_phase = max(phase_peaks, key=lambda item: item[1])[0]
+    breakdown = [(name, nbytes) for name, nbytes in phases[peak_phase] if nbytes]
+    peak_allocated = _sum(breakdown)
+    outside: Terms = []
+    if opt_paged:
+        outside.append(("paged optimizer states (CUDA unified memory)", opt_paged))
+    outside.append(
+        (
+            f"allocator reserve and fragmentation ({allocator_overhead_fraction:.0%})",
+            int(peak_allocated * allocator_overhead_fraction),
+        )
+    )
+    outside.append(("CUDA context (driver, cuBLAS)", int(cuda_context_mb * MB)))
+    notes = []
+    if attention == "sdpa":
+        notes.append("sdpa assumes the memory-efficient kernel (no seq x seq scores kept).")
+    if quantization == "int8":
+        notes.append("int8: outlier columns (LLM.int8 threshold) are not counted.")
+    return MemoryEstimate(
+        model=shape,
+        settings=settings,
+        breakdown=breakdown,
+        outside_allocator=outside,
+        peak_phase=peak_phase,
+        phases=phases,
+        weight_bytes=_sum(weights),
+        trainable_parameter_count=trainable_numel,
+        trainable_parameter_bytes=trainable_total,
+        gradient_bytes=grads_total,
+        optimizer_state_bytes=opt_allocated + opt_paged,
+        paged_optimizer_state_bytes=opt_paged,
+        model_name=model_name,
+        notes=notes,
+    )
+
+
+def max_micro_batch_that_fits(model_config: Any, budget_mb: float, limit: int = 1024, **settings: Any) -> int:
+    """Largest micro-batch whose estimated peak (card total) fits ``budget_mb``; 0 if none does."""
+    settings.pop("micro_batch", None)
+    best = 0
+    for micro_batch in range(1, limit + 1):
+        if not estimate_memory(model_config, micro_batch=micro_batch, **settings).fits(budget_mb):
+            break  # the estimate grows with the micro-batch
+        best = micro_batch
+    return best
+
+
+def estimate_settings(estimate: MemoryEstimate) -> dict[str, Any]:
+    """The keyword arguments that reproduce ``estimate`` with estimate_memory."""
+    return {**estimate.settings, "model_name": estimate.model_name}
+
+
+def format_breakdown_table(estimate: MemoryEstimate, budget_mb: float = DEFAULT_BUDGET_MB) -> str:
+    """The estimate as a text table: allocator terms at the peak, what lies outside, the verdict."""
+    s = estimate.settings
+    width = max(64, *(len(name) + 2 for name, _ in estimate.breakdown + estimate.outside_allocator))
+    checkpointing = "on" if s["gradient_checkpointing"] else "off"
+    lines = [
+        f"Memory plan: {estimate.model_name or 'model'} | {s['quantization']} base, {s['compute_dtype']} | "
+        f"LoRA r={s['lora_r']} on {len(s['lora_target_modules'])} modules | {s['optimizer']} | "
+        f"precision {s['precision']} | micro-batch {s['micro_batch']} x {s['max_length']} tokens | "
+        f"gradient checkpointing {checkpointing} | attention {s['attention']}",
+        f"Peak of a training step: {estimate.peak_phase}",
+        f"{'term':<{width}} {'MB':>9}",
+        "-" * (width + 10),
+    ]
+    # Terms under 0.05 MB would print as 0.0: sum them into one row.
+    shown = [(name, nbytes) for name, nbytes in estimate.breakdown if nbytes >= 0.05 * MB]
+    small = [nbytes for _, nbytes in estimate.breakdown if nbytes < 0.05 * MB]
+    if small:
+        shown.append((f"other terms under 0.05 MB ({len(small)})", sum(small)))
+    lines += [f"{name:<{width}} {nbytes / MB:>9.1f}" for name, nbytes in shown]
+    lines.append("-" * (width + 10))
+    lines.append(
+        f"{'= estimated peak allocated (torch.cuda.max_memory_allocated)':<{width}} "
+        f"{estimate.estimated_peak_allocated_mb:>9.1f}"
+    )
+    lines += [f"{'+ ' + name:<{width}} {nbytes / MB:>9.1f}" for name, nbytes in estimate.outside_allocator]
+    percent = 100 * estimate.estimated_peak_mb / budget_mb
+    verdict = "fits" if estimate.fits(budget_mb) else "DOES NOT FIT"
+    lines.append(f"{'= estimated peak on the card':<{width}} {estimate.estimated_peak_mb:>9.1f}")
+    lines.append(
+        f"Budget {budget_mb:.0f} MB: {percent:.1f}% used, {verdict}. "
+        "(Reference run, GTX 1050 Ti: 3087.4 MB max allocated, 3228.0 MB reserved.)"
+    )
+    lines += [f"Note: {note}" for note in estimate.notes]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- YAML configs and `plan`
+def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    section = config.get(name) or {}
+    if not isinstance(section, Mapping):
+        raise Phi2TutorError(f"The config's {name!r} section is not a mapping.")
+    if "init_args" in section:
+        return dict(section.get("init_args") or {})
+    return {k: v for k, v in section.items() if k != "class_path"}
+
+
+def plan_from_config_dict(config: Mapping[str, Any], source: str = "the config") -> MemoryEstimate:
+    """Estimate of a LightningCLI-style config (``model``, ``data``, ``trainer`` sections).
+
+    Reads TutorModule's and MathDataModule's fields; what they leave out takes their defaults.
+    Optional model fields ``loss_token_fraction`` / ``loss_chunk_tokens`` refine the logits term.
+    """
+    model = _section(config, "model")
+    data = _section(config, "data")
+    trainer = _section(config, "trainer")
+    shape_config = load_model_config(
+        model.get("model_name_or_path", "microsoft/phi-2"), model.get("model_config")
+    )
+    compute_dtype = model.get("compute_dtype", "float32")
+    precision = str(trainer.get("precision", "32-true"))
+    attention = model.get("attn_implementation")
+    if attention is None:
+        # TutorModule's rule: the fp16-safe attention whenever fp16 is involved, else sdpa.
+        fp16 = compute_dtype == "float16" or precision.startswith("16")
+        attention = FP32_SCORES_ATTENTION if fp16 else "sdpa"
+    if attention not in ATTENTIONS:
+        attention = "eager"  # other implementations (flash) keep no more than eager does
+    label = "model.model_config" if model.get("model_config") is not None else model.get("model_name_or_path")
+    try:
+        return estimate_memory(
+            shape_config,
+            quantization=model.get("quantization", "none"),
+            compute_dtype=compute_dtype,
+            precision=precision,
+            lora_r=int(model.get("lora_r", 8)),
+            lora_target_modules=tuple(model.get("lora_target_modules") or DEFAULT_LORA_TARGETS),
+            lora_dropout=float(model.get("lora_dropout", 0.05)),
+            modules_to_save=tuple(model.get("modules_to_save") or ()),
+            optimizer=model.get("optimizer", "adamw"),
+            micro_batch=int(data.get("batch_size", 4)),  # MathDataModule's default
+            max_length=int(data.get("max_length", 512)),
+            gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
+            accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1),
+            attention=attention,
+            loss_token_fraction=float(model.get("loss_token_fraction", 1.0)),
+            loss_chunk_tokens=model.get("loss_chunk_tokens"),
+            model_name=str(label),
+        )
+    except ValueError as error:
+        raise Phi2TutorError(f"{source}: {error}.") from None
+
+
+def plan_from_hparams(
+    model_hparams: Mapping[str, Any],
+    data_hparams: Mapping[str, Any] | None = None,
+    precision: str = "32-true",
+    accumulate_grad_batches: int = 1,
+) -> MemoryEstimate:
+    """Estimate of a running configuration: TutorModule's and MathDataModule's hparams, the Trainer's
+    precision and accumulation (what GPUMemoryProfiler prints when fit starts)."""
+    config = {
+        "model": dict(model_hparams),
+        "data": dict(data_hparams or {}),
+        "trainer": {"precision": str(precision), "accumulate_grad_batches": accumulate_grad_batches},
+    }
+    return plan_from_config_dict(config, source="the running configuration")
+
+
+def _budget_from_callbacks(config: Mapping[str, Any]) -> float | None:
+    trainer = config.get("trainer") or {}
+    for callback in trainer.get("callbacks") or []:
+        if isinstance(callback, Mapping) and str(callback.get("class_path", "")).endswith(
+            "GPUMemoryProfiler"
+        ):
+            budget = (callback.get("init_args") or {}).get("budget_mb")
+            if budget is not None:
+                return float(budget)
+    return None
+
+
+def main_plan(argv: Sequence[str] | None = None) -> int:
+    """``phi2tutor plan --config cfg.yaml [--json] [--budget_mb N]``: print the memory plan."""
+    import yaml
+
+    parser = argparse.ArgumentParser(
+        prog="phi2tutor plan",
+        description="Estimate the peak GPU memory of a training config before loading any weight.",
+    )
+    parser.add_argument("--config", required=True, help="YAML file of `phi2tutor fit`")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--budget_mb",
+        type=float,
+        default=None,
+        help="GPU memory budget; default the GPUMemoryProfiler's budget_mb in the config, else 4096",
+    )
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    path = Path(args.config)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise Phi2TutorError(f"Cannot read --config {str(path)!r}: {error.strerror}.") from None
+    except yaml.YAMLError as error:
+        raise Phi2TutorError(f"--config {str(path)!r} is not valid YAML: {error}") from None
+    if not isinstance(config, Mapping):
+        raise Phi2TutorError(f"--config {str(path)!r} does not hold a mapping of sections.")
+    budget_mb = args.budget_mb or _budget_from_callbacks(config) or DEFAULT_BUDGET_MB
+    estimate = plan_from_config_dict(config, source=str(path))
+    max_micro_batch = max_micro_batch_that_fits(estimate.model, budget_mb, **estimate_settings(estimate))
+    if args.json:
+        print(json.dumps(estimate.to_dict(budget_mb, max_micro_batch), indent=2))
+    else:
+        print(format_breakdown_table(estimate, budget_mb))
+        print(f"Largest micro-batch (data.batch_size) that fits {budget_mb:.0f} MB: {max_micro_batch}")
+    return 0
