@@ -142,6 +142,7 @@ class GPUMemoryProfiler(Callback):
         self._device: torch.device | None = None
         self._recording = False
         self._estimate: MemoryEstimate | None = None
+        self._run_directory: Path | None = None
 
     # ------------------------------------------------------------------ measuring
     @property
@@ -187,6 +188,9 @@ class GPUMemoryProfiler(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # Read once here, on every process: under DDP trainer.log_dir is a collective (a broadcast from
+        # rank 0), so asking for it later on rank 0 alone (or in an exception handler) would hang.
+        self._run_directory = Path(trainer.log_dir or trainer.default_root_dir)
         # A resumed run gets its samples back from the checkpoint after this hook (load_state_dict).
         self.samples, self.budget_warned = [], False
         self._device = trainer.strategy.root_device
@@ -294,6 +298,8 @@ class GPUMemoryProfiler(Callback):
 
     # ------------------------------------------------------------------ files
     def _run_dir(self, trainer: Trainer) -> Path:
+        if self._run_directory is not None:
+            return self._run_directory
         return Path(trainer.log_dir or trainer.default_root_dir)
 
     def _write_json(self, trainer: Trainer, summary: dict[str, Any]) -> Path:

@@ -35,9 +35,12 @@ class PredictionWriter(BasePredictionWriter):
         predictions: list[Any],
         batch_indices: list[Any],
     ) -> None:
+        # log_dir is a collective call under DDP: every process asks, rank zero writes.
+        path = (
+            Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
+        )
         if not trainer.is_global_zero:
             return
-        path = Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = [row for batch in predictions for row in batch]
         with path.open("w", encoding="utf-8") as handle:

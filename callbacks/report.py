@@ -74,10 +74,14 @@ class TrainingReport(Callback):
         self._started_wall: float | None = None
         self._started_at: str | None = None
         self._written = False
+        self._run_dir: Path | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._written = False
+            # Read here, on every process: under DDP trainer.log_dir is a collective (a broadcast from rank 0)
+            # that rank 0 alone, or an exception handler, cannot call.
+            self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
             self._mark_start()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,7 +125,7 @@ class TrainingReport(Callback):
         self._written = True
         if not trainer.is_global_zero:
             return
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir = self._run_dir or Path(trainer.log_dir or trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         # The TensorBoard writer buffers events; what it holds must reach the file the report reads.
         for logger in trainer.loggers:

@@ -237,7 +237,10 @@ class MathDataModule(LightningDataModule):
                     f"has no {hp.question_field!r} or {hp.answer_field!r} field"
                     f" (fields: {sorted(record) if isinstance(record, dict) else type(record).__name__})"
                 )
-            elif "####" not in str(record[hp.answer_field]) or reference_answer(str(record[hp.answer_field])) is None:
+            elif (
+                "####" not in str(record[hp.answer_field])
+                or reference_answer(str(record[hp.answer_field])) is None
+            ):
                 problem = 'has an answer without a final "#### N"'
             if problem:
                 if hp.skip_invalid_rows:
@@ -323,9 +326,11 @@ class MathDataModule(LightningDataModule):
         dataset = self.datasets[split]
         lengths = [len(e.input_ids) for e in dataset.examples]
         if shuffle and self.hparams.group_by_length:
-            sampler = LengthGroupedSampler(lengths, batch_size, self.hparams.seed)
+            sampler = self._shard(LengthGroupedSampler(lengths, batch_size, self.hparams.seed))
         elif shuffle:
-            sampler = LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor=0)
+            sampler = self._shard(
+                LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor=0)
+            )
         else:
             sampler = sorted(range(len(dataset)), key=lambda i: -lengths[i])
         return DataLoader(
@@ -336,6 +341,24 @@ class MathDataModule(LightningDataModule):
             collate_fn=self._collate,
             persistent_workers=self.hparams.num_workers > 0,
         )
+
+    def _shard(self, sampler: LengthGroupedSampler) -> Sampler[int]:
+        """Under DDP, every process takes every n-th index of the one shuffled, length-grouped order.
+
+        Lightning would wrap the sampler itself, but with shuffle=True for training, which shuffles the
+        order once more and undoes the length grouping; sharding without that shuffle keeps neighbours
+        (and so each process's batches) of similar length. Disjoint shards that cover the data either way.
+        """
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not kwargs or kwargs.get("num_replicas", 1) <= 1:
+            return sampler
+        if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+            return sampler  # the user shards the data themselves (Trainer(use_distributed_sampler=False))
+        from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+        # Its set_epoch reaches the inner sampler, so every epoch has a new order, the same on every process.
+        return DistributedSamplerWrapper(sampler, shuffle=False, **kwargs)
 
     def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         return collate_examples(examples, self.tokenizer.pad_token_id)

@@ -81,7 +81,12 @@ def load_base_model(
         else:
             # bitsandbytes quantizes on load: go through the same from_pretrained path as Phi-2.
             with tempfile.TemporaryDirectory() as directory:
-                model.save_pretrained(directory)
+                # Written by hand: save_pretrained writes only on rank zero, and every DDP process
+                # needs its own copy to load.
+                from safetensors.torch import save_model
+
+                model.config.save_pretrained(directory)
+                save_model(model, str(Path(directory) / "model.safetensors"))
                 model = _from_pretrained(
                     AutoModelForCausalLM,
                     directory,

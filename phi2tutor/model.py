@@ -105,6 +105,7 @@ class TutorModule(LightningModule):
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.attention_implementation: str | None = None
+        self.memory_estimate = None  # set when a Trainer runs: the planner's estimate for this config
         # Checkpoints hold only trainable weights: the frozen base is loaded from its source.
         self.strict_loading = False
 
@@ -144,6 +145,11 @@ class TutorModule(LightningModule):
             trust_remote_code=hp.trust_remote_code,
             init_seed=hp.init_seed,
         )
+        for module in base.modules():
+            # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 CPUs at the first eval forward (e.g.
+            # validation), after which a training forward fails in place on the bias; keep the training layout.
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
         if hp.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.config.use_cache = False
@@ -169,6 +175,33 @@ class TutorModule(LightningModule):
             f"{trainable / 1e6:,.3f}M trainable ({100 * trainable / max(total, 1):.2f}%) | "
             f"quantization {self.hparams.quantization} | compute dtype {self.hparams.compute_dtype} | "
             f"precision {precision} | attention {self.attention_implementation}"
+        )
+        if (t := self._trainer) is not None and (b := getattr(t.datamodule, "hparams", {}).get("batch_size")):
+            n = b * t.accumulate_grad_batches * t.num_devices * t.num_nodes
+            rank_zero_info(
+                f"phi2tutor | effective batch {n} = micro-batch {b} x accumulation {t.accumulate_grad_batches} x devices {t.num_devices} x nodes {t.num_nodes}"
+            )
+            self._print_memory_estimate(t)
+
+    def _print_memory_estimate(self, trainer) -> None:
+        """The planner's peak GPU memory for this configuration (GPUMemoryProfiler reuses it)."""
+        from phi2tutor.memory import plan_from_hparams
+
+        try:
+            self.memory_estimate = plan_from_hparams(
+                self.hparams,
+                trainer.datamodule.hparams,
+                str(trainer.precision),
+                trainer.accumulate_grad_batches,
+            )
+        except Exception as error:  # an estimate must never stop a run
+            rank_zero_info(f"phi2tutor | no memory estimate: {error}")
+            return
+        estimate = self.memory_estimate
+        rank_zero_info(
+            f"phi2tutor | estimated peak GPU memory {estimate.estimated_peak_mb:,.0f} MB "
+            f"({estimate.estimated_peak_allocated_mb:,.0f} MB allocated by torch) for this configuration on "
+            "a CUDA device; `phi2tutor plan --config ...` shows the breakdown"
         )
 
     @property
@@ -273,8 +306,10 @@ class TutorModule(LightningModule):
             )
 
     def on_train_end(self) -> None:
+        # On every process: under DDP trainer.log_dir is a collective (a broadcast from rank 0).
+        directories = self.adapter_directories()
         if self.trainer.is_global_zero:
-            for directory in self.adapter_directories():
+            for directory in directories:
                 self.save_adapter(directory)
 
     def adapter_directories(self) -> list[Path]:
