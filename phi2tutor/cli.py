@@ -22,6 +22,29 @@ Run `phi2tutor COMMAND --help` for the options of a command.""".format(
     extra="; ".join(f"{name}: {text}" for name, text in EXTRA_COMMANDS.items())
 )
 
+TRAINING_COMMANDS = {
+    "fit": "Train: the full optimization routine (LoRA/QLoRA fine-tuning).",
+    "validate": "One evaluation epoch over the validation set (loss and answer accuracy).",
+    "test": "One evaluation epoch over the test set.",
+    "predict": "Generate answers for a questions file and write them as JSON lines.",
+}
+HELP_FLAGS = ("-h", "--help")
+
+
+def top_level_help() -> str:
+    """The ``phi2tutor --help`` text, written without building LightningCLI (which imports torch)."""
+    commands = {**TRAINING_COMMANDS, **EXTRA_COMMANDS}
+    listing = "\n".join(f"  {name:<10} {text}" for name, text in commands.items())
+    return (
+        f"usage: phi2tutor [-h] {{{','.join(commands)}}} ...\n\n"
+        "Fine-tune Phi-2 into a math tutor with LoRA/QLoRA and explain the run.\n\n"
+        f"commands:\n{listing}\n\n"
+        "examples:\n"
+        "  phi2tutor fit --config configs/demo.yaml\n"
+        "  phi2tutor validate --config configs/demo.yaml --model.adapter_path models/demo-tutor\n\n"
+        "Run `phi2tutor COMMAND --help` for the options of a command."
+    )
+
 
 def _tokenizer_source(model_name_or_path: str, tokenizer_name_or_path: str | None, model_config: dict | None):
     if tokenizer_name_or_path:
@@ -94,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     from phi2tutor.errors import Phi2TutorError
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) == 1 and args[0] in HELP_FLAGS:
+        # The top-level help must answer at once: LightningCLI would import torch and Lightning first.
+        print(top_level_help())
+        return
     try:
         if args and args[0] in EXTRA_COMMANDS:
             run_extra_command(args[0], args[1:])

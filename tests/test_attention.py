@@ -36,7 +36,9 @@ def test_stock_eager_fp16_overflows_and_fp32_scores_stay_finite_and_match_refere
     stock, _ = eager_attention_forward(module, query, key, value, causal_mask(16, torch.float16), scaling)
     assert not torch.isfinite(stock).all()  # inf scores -> NaN after softmax
 
-    ours, _ = fp32_scores_attention_forward(module, query, key, value, causal_mask(16, torch.float16), scaling)
+    ours, _ = fp32_scores_attention_forward(
+        module, query, key, value, causal_mask(16, torch.float16), scaling
+    )
     assert ours.dtype == torch.float16
     assert torch.isfinite(ours).all()
     reference, _ = eager_attention_forward(

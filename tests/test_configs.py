@@ -25,7 +25,11 @@ def offline_overrides(config: dict) -> list[str]:
     if model.get("model_config") is None and path and not Path(path).is_dir():
         overrides.append(f"--model.model_config={yaml.safe_dump(TINY_PHI, default_flow_style=True).strip()}")
     if config.get("data", {}).get("source", "hub") == "hub":
-        overrides += ["--data.source=synthetic", "--data.synthetic.train_size=16", "--data.synthetic.val_size=4"]
+        overrides += [
+            "--data.source=synthetic",
+            "--data.synthetic.train_size=16",
+            "--data.synthetic.val_size=4",
+        ]
     return overrides
 
 
