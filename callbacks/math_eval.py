@@ -50,7 +50,8 @@ class MathAnswerEval(Callback):
         every_n_epochs: evaluate at every n-th validation run during fit (0: only when fit ends).
             Generation is slow, so evaluating less often than validation saves time.
         num_problems: how many held-out problems to solve each time (always the same ones, the first of
-            the split, so results are comparable across epochs).
+            the split, so results are comparable across epochs). ``phi2tutor test`` grades the whole
+            test split.
         batch_size: problems generated per batch.
         max_new_tokens: the longest solution generated, in tokens; a solution cut short usually has no
             final answer and counts as invalid.
@@ -204,8 +205,9 @@ class MathAnswerEval(Callback):
             problems = list(datamodule.eval_problems(self._split))
             source = f"{type(datamodule).__name__}.eval_problems({self._split!r})"
             where = [f"{source}, problem {index}" for index in range(len(problems))]
-        problems = problems[: self.num_problems]
-        where = where[: self.num_problems]
+        if self._split != "test":  # test grades the whole test split; validation a fixed subset
+            problems = problems[: self.num_problems]
+            where = where[: self.num_problems]
         for problem, place in zip(problems, where):
             if not (
                 isinstance(problem, dict)
@@ -226,7 +228,7 @@ class MathAnswerEval(Callback):
                 f"MathAnswerEval found no held-out problems in {source}. Give the validation split some "
                 f"problems, or point problems_file at a .jsonl file of question/answer rows."
             )
-        if len(problems) < self.num_problems:
+        if self._split != "test" and len(problems) < self.num_problems:
             rank_zero_warn(
                 f"MathAnswerEval: num_problems={self.num_problems} but {source} has only {len(problems)}; "
                 f"evaluating on {len(problems)}."

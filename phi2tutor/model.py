@@ -56,6 +56,7 @@ class TutorModule(LightningModule):
         warmup_fraction: float = 0.12,
         warmup_steps: int | None = None,
         min_lr_ratio: float = 0.0,
+        lr_schedule_epochs: float | None = None,
         prompt_template: str = PHI2_QA_TEMPLATE,
         max_new_tokens: int = 256,
         adapter_output_dir: str | None = None,
@@ -93,6 +94,9 @@ class TutorModule(LightningModule):
             warmup_fraction: Share of all optimizer steps spent in linear warmup (reference run: ~0.12).
             warmup_steps: Warmup length in optimizer steps; overrides ``warmup_fraction`` when set.
             min_lr_ratio: Floor of the cosine decay as a fraction of the peak learning rate.
+            lr_schedule_epochs: Epochs over which warmup + cosine run, after which the rate stays at
+                the floor; default the whole run (``trainer.max_epochs``). Set it when max_epochs is
+                a budget cap that PlateauStopping is expected to cut short.
             prompt_template: Prompt with a ``{question}`` field; must match the data module's (the CLI links them).
             max_new_tokens: Default generation length of ``generate``.
             adapter_output_dir: Extra directory that receives the adapter and tokenizer when fit ends
@@ -280,6 +284,9 @@ class TutorModule(LightningModule):
             cls = bnb.optim.PagedAdamW8bit if hp.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
             optimizer = cls(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        max_epochs = self.trainer.max_epochs
+        if hp.lr_schedule_epochs is not None and max_epochs and max_epochs > 0:
+            total_steps = max(1, round(total_steps * min(1.0, hp.lr_schedule_epochs / max_epochs)))
         warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine_factor(step, warmup, total_steps, hp.min_lr_ratio)

@@ -20,7 +20,10 @@ STAMP="$VENV/.phi2tutor-installed"
 WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "phi2tutor | installing phi2tutor and its dependencies (pip install -e .[dev])"
-  "${PIP[@]}" install -e "$ROOT[dev]"
+  LOG="$VENV/.phi2tutor-install.log"
+  if ! "${PIP[@]}" install -e "$ROOT[dev]" >"$LOG" 2>&1; then
+    tail -30 "$LOG"; echo "phi2tutor | pip install failed; full log: $LOG" >&2; exit 1
+  fi
   "$VENV/bin/python" -c "import phi2tutor, lightning, transformers, peft, bitsandbytes" 
   echo "$WANT" > "$STAMP"
 fi
