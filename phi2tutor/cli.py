@@ -57,7 +57,15 @@ def _tokenizer_source(model_name_or_path: str, tokenizer_name_or_path: str | Non
 
 
 def build_cli_class():
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    class SaveFitConfig(SaveConfigCallback):
+        """Saves the config of a training run into its run directory; evaluation commands write nothing
+        (with ``--trainer.logger false`` they would otherwise drop config.yaml in the working directory)."""
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if stage == "fit":
+                super().setup(trainer, pl_module, stage)
 
     class TutorCLI(LightningCLI):
         """LightningCLI with the data and model options that must agree linked together."""
@@ -70,6 +78,7 @@ def build_cli_class():
             )
             parser.link_arguments("data.prompt_template", "model.prompt_template")
 
+    TutorCLI.save_fit_config_class = SaveFitConfig
     return TutorCLI
 
 
@@ -94,6 +103,7 @@ def run_lightning_cli(args: list[str] | None) -> None:
             "callbacks": [LearningRateMonitor(logging_interval="step"), PredictionWriter()],
         },
         parser_kwargs={"description": DESCRIPTION},
+        save_config_callback=cli_class.save_fit_config_class,
         save_config_kwargs={"overwrite": True},
     )
 
