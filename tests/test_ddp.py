@@ -448,3 +448,42 @@ def test_validate_from_the_ddp_checkpoint_on_two_processes_matches_one_process_a
     (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
     logged = read_scalars(run_dir)["val/answer_accuracy"]
     assert len(logged) == 1 and logged[0][1] == pytest.approx(correct / NUM_PROBLEMS)
+
+
+def test_fit_resumes_from_the_ddp_checkpoint_on_two_processes(
+    ddp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    """`fit --ckpt_path last.ckpt` continues a 2-process run where it stopped, on two processes."""
+    checkpoint = ddp_run["run_dirs"][0] / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=True)
+    config = tiny_config(
+        tmp_path,
+        trainer={
+            **ddp_trainer(),
+            "max_epochs": saved["epoch"] + 3,
+            "accumulate_grad_batches": ACCUMULATION,
+            "limit_val_batches": 0,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"save_last": True},
+                }
+            ],
+        },
+        model=model_section(ddp_run["base_dir"]),
+        data={
+            "synthetic": {"train_size": TRAIN_SIZE, "val_size": VAL_SIZE, "test_size": 8},
+            "batch_size": MICRO_BATCH,
+        },
+    )
+    config_path = write_yaml(tmp_path / "resume.yaml", config)
+    run_cli("fit", "--config", str(config_path), "--ckpt_path", str(checkpoint), cwd=tmp_path)
+    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    scalars = read_scalars(run_dir)
+    steps = [step for step, _ in scalars["train/loss"]]
+    assert min(steps) >= saved["global_step"]  # the first logged step continues the saved count
+    epochs_trained = len(scalars["train/loss_epoch"])
+    assert epochs_trained >= 1
+    steps_per_epoch = TRAIN_SIZE // (WORLD_SIZE * MICRO_BATCH * ACCUMULATION)
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == saved["global_step"] + epochs_trained * steps_per_epoch
