@@ -187,7 +187,10 @@ def read_run_directory(run_dir: str | Path) -> RunRecords:
     if lr_key is not None:
         records.learning_rates = [(step, index.position(step), float(v)) for step, v in scalars[lr_key]]
     records.val_losses = [(index.epoch_of(step), float(v)) for step, v in scalars.get(VAL_LOSS_KEY, [])]
-    records.answer_accuracy = [(index.epoch_of(step), float(v)) for step, v in scalars.get(ACCURACY_KEY, [])]
+    # A value at step 0 graded the untouched base (MathAnswerEval's evaluate_before_training): epoch 0.
+    records.answer_accuracy = [
+        (0 if step == 0 else index.epoch_of(step), float(v)) for step, v in scalars.get(ACCURACY_KEY, [])
+    ]
     records.memory_series = {
         tag: [(step, float(v)) for step, v in points]
         for tag, points in sorted(scalars.items())
@@ -860,6 +863,7 @@ TEXT: dict[str, dict[str, str]] = {
         "last {last} (epoch {last_epoch})",
         "accuracy": "Answer accuracy (final answers right on held-out problems)",
         "acc_first": "First: {value}% at epoch {epoch}",
+        "acc_first_before": "Before training: {value}%",
         "acc_best": "Best: {value}% at epoch {epoch}",
         "acc_last": "Last: {value}% at epoch {epoch}",
         "acc_trend_rising": "Trend: still rising at the end ({previous}% before, {last}% last)",
@@ -1022,6 +1026,7 @@ TEXT: dict[str, dict[str, str]] = {
         "{best_epoch}), última {last} (época {last_epoch})",
         "accuracy": "Aciertos de la respuesta final (problemas reservados)",
         "acc_first": "Primera evaluación: {value}% en la época {epoch}",
+        "acc_first_before": "Antes de entrenar: {value}%",
         "acc_best": "Mejor: {value}% en la época {epoch}",
         "acc_last": "Última: {value}% en la época {epoch}",
         "acc_trend_rising": "Tendencia: todavía al alza al final ({previous}% antes, {last}% en la última)",
@@ -1332,7 +1337,8 @@ def _render_validation(v: dict[str, Any], t: dict[str, str], f) -> list[str]:
     a = v["answer_accuracy"]
     if a is not None:
         lines += [f"### {t['accuracy']}", ""]
-        lines.append("- " + t["acc_first"].format(value=f(a["first"]), epoch=a["first_epoch"]))
+        first_key = "acc_first_before" if a["first_epoch"] == 0 else "acc_first"
+        lines.append("- " + t[first_key].format(value=f(a["first"]), epoch=a["first_epoch"]))
         lines.append("- " + t["acc_best"].format(value=f(a["best"]), epoch=a["best_epoch"]))
         lines.append("- " + t["acc_last"].format(value=f(a["last"]), epoch=a["last_epoch"]))
         lines.append(

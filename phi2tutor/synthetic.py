@@ -113,7 +113,7 @@ _ONE_STEP = {
             "{name} has {a} {obj} and gives {b} to {friend}. How many {obj} does {name} have left?",
             "{name} had {a} {obj} and lost {b} of them. How many {obj} does {name} have now?",
             "There were {a} {obj} on the table. {name} took {b}. How many {obj} are on the table now?",
-            "{name} baked {a} {obj} and {friend} ate {b}. How many {obj} are left?",
+            "{name} put {a} {obj} on a tray and {friend} took {b}. How many {obj} are left on the tray?",
         ],
         "mul": [
             "{name} has {a} bags with {b} {obj} in each bag. How many {obj} does {name} have?",
@@ -133,7 +133,7 @@ _ONE_STEP = {
             "{name} tiene {a} {obj} y le da {b} a {friend}. ¿{q} {obj} le quedan a {name}?",
             "{name} tenía {a} {obj} y perdió {b}. ¿{q} {obj} tiene {name} ahora?",
             "Había {a} {obj} en la mesa. {name} se llevó {b}. ¿{q} {obj} quedan en la mesa?",
-            "{name} preparó {a} {obj} y {friend} se llevó {b}. ¿{q} {obj} quedan?",
+            "{name} puso {a} {obj} en una bandeja y {friend} se llevó {b}. ¿{q} {obj} quedan en la bandeja?",
         ],
         "mul": [
             "{name} tiene {a} bolsas con {b} {obj} en cada bolsa. ¿{q} {obj} tiene {name}?",

@@ -104,11 +104,11 @@ _NARRATIVE = {
     ],
     "es": [
         "{name} tiene {n} {obj}.",
-        "A {name} y a {friend} les gustan los {obj}.",
+        "A {name} y a {friend} les gustan {the} {obj}.",
         "{friend} compra {n} {obj}.",
         "Hay {n} {obj} en la caja.",
         "{name} le da {obj} a {friend}.",
-        "{name} guarda los {obj} en una bolsa.",
+        "{name} guarda {the} {obj} en una bolsa.",
         "{friend} recogió {obj} por la mañana.",
     ],
 }
@@ -121,9 +121,12 @@ def narrative_document(rng: random.Random, max_operand: int) -> str:
     sentences = []
     for _ in range(rng.randint(2, 4)):
         name, friend = rng.sample(NAMES[language], 2)
-        obj = rng.choice(OBJECTS[language])[0]
+        obj, gender = rng.choice(OBJECTS[language])
+        the = {"f": "las", "m": "los"}.get(gender, "the")  # Spanish articles agree with the object
         template = rng.choice(_NARRATIVE[language])
-        sentences.append(template.format(name=name, friend=friend, obj=obj, n=rng.randint(2, max_operand)))
+        sentences.append(
+            template.format(name=name, friend=friend, obj=obj, the=the, n=rng.randint(2, max_operand))
+        )
     return " ".join(sentences)
 
 
