@@ -1,0 +1,648 @@
+"""The training report's wording, in English and in Spanish (written for this project, not translated
+word by word from the reference analysis), and its Markdown rendering from report.json's numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from phi2tutor.errors import Phi2TutorError
+
+LANGUAGES = ("en", "es")
+
+
+# --------------------------------------------------------------------------------------------- rendering
+TEXT: dict[str, dict[str, str]] = {
+    "en": {
+        "title": "Training report: {run}",
+        "source": "Written by phi2tutor from the run's own records: `{source}` ({kind}), {generated}.",
+        "kind_phi2tutor-run": "phi2tutor run directory",
+        "kind_trainer_state": "Hugging Face Trainer state",
+        "unknown": "unknown",
+        "general": "General information",
+        "item": "Item",
+        "value": "Value",
+        "base_model": "Base model",
+        "parameters": "Parameters (counted from the model)",
+        "trainable": "Trainable parameters",
+        "trainable_value": "{count} ({pct}% of all)",
+        "hardware": "Hardware",
+        "precision": "Precision",
+        "quantization": "Quantization",
+        "epochs": "Epochs run",
+        "epochs_value": "{run} (max_epochs {max})",
+        "steps": "Optimizer steps",
+        "started": "Started / ended",
+        "duration": "Duration",
+        "first_loss": "First loss (epoch {epoch})",
+        "final_loss": "Final loss (last epoch, {epoch})",
+        "mean_loss": "Mean loss over the run (mean of the epoch losses)",
+        "reported_mean_loss": "Mean loss reported by the Trainer (train_loss)",
+        "days": "{n} days",
+        "day": "{n} day",
+        "hours": "{n} hours",
+        "hour": "{n} hour",
+        "minutes": "{n} minutes",
+        "minute": "{n} minute",
+        "seconds": "{n} seconds",
+        "second": "{n} second",
+        "duration_value": "{parts} ({minutes} minutes)",
+        "gpu": "{name}, {memory} MB, {sms} multiprocessors",
+        "cuda_cores": " ({cores} CUDA cores)",
+        "cpu": "CPU: {name}, {cores} cores",
+        "memory": "Memory",
+        "memory_device": "Device: {device}. Budget: {budget} MB.",
+        "memory_kind": "Memory type",
+        "memory_size": "Size (MB)",
+        "memory_pct": "% of budget",
+        "mem_allocated": "Allocated",
+        "mem_reserved": "Reserved",
+        "mem_max_allocated": "Max allocated",
+        "mem_cpu_rss": "Process resident (CPU)",
+        "mem_cpu_peak_rss": "Process peak resident (CPU)",
+        "memory_peak": "Peak: {peak} MB, {pct}% of the budget; headroom {headroom} MB.",
+        "memory_oom": "The run ran out of memory.",
+        "memory_planner": "Memory planner for this config: estimated peak {estimate} MB at micro-batch {batch}; "
+        "the largest micro-batch it expects to fit the budget is {largest}.",
+        "phases": "Learning phases",
+        "phases_detected": "Phases detected on the epoch loss by phi2tutor.phases, the rule the PhaseDetection "
+        "callback applies during training: window {window} epochs, fine-tuning begins below {ft} and "
+        "stabilization below {st} of the fastest improvement rate.",
+        "phases_given": "Phase boundaries given: last epochs {boundaries}.",
+        "phases_online": "Boundaries found during training by PhaseDetection: {boundaries}.",
+        "total_reduction": "Total loss reduction: {pct}% (from {start} at epoch {first} to {end} at epoch {last})",
+        "phase_heading": "Phase {number}: {name} (epochs {first}-{last})",
+        "phase_began_at_end": "The {name} phase began after the last epoch ({epoch}).",
+        "start_loss": "Start loss: {value}",
+        "end_loss": "Loss at the end of the phase: {value}",
+        "improvement": "Improvement within the phase: {value}% ((start - end) / start)",
+        "share": "Share of the total loss reduction: {value}%",
+        "phase_epochs": "Epochs: {count} ({pct}% of the run)",
+        "phase_rapid_learning": "rapid learning",
+        "phase_fine_tuning": "fine-tuning",
+        "phase_stabilization": "stabilization",
+        "grad_norm": "Gradient norm",
+        "grad_peak": "Peak: {peak} at epoch {epoch} (step {step})",
+        "grad_settled": "Settled at about {level} (median of the last {tail}% of its values) from epoch {epoch} "
+        "on: every later epoch's median stays under {factor} times that level",
+        "grad_not_settled": "Not settled: the last epoch's median is above {factor} times the level of the last "
+        "{tail}% of its values ({level})",
+        "grad_last": "Last value: {value}",
+        "lr": "Learning rate",
+        "lr_peak": "Peak: {peak} at epoch {epoch} (step {step})",
+        "lr_first_last": "First value {first}, last value {last} ({pct}% of the peak)",
+        "lr_shape": "Schedule: {shape}",
+        "shape_constant": "constant",
+        "shape_warmup_constant": "warm-up over the first {warmup}% of the steps, then constant",
+        "shape_warmup_cosine": "warm-up over the first {warmup}% of the steps, then cosine decay",
+        "shape_warmup_linear": "warm-up over the first {warmup}% of the steps, then linear decay",
+        "shape_warmup_decay": "warm-up over the first {warmup}% of the steps, then decay",
+        "shape_cosine": "cosine decay from the start",
+        "shape_linear": "linear decay from the start",
+        "shape_decay": "decay from the start",
+        "validation": "Validation",
+        "val_loss": "Validation loss: first {first} (epoch {first_epoch}), best {best} (epoch {best_epoch}), "
+        "last {last} (epoch {last_epoch})",
+        "accuracy": "Answer accuracy (final answers right on held-out problems)",
+        "acc_first": "First: {value}% at epoch {epoch}",
+        "acc_first_before": "Before training: {value}%",
+        "acc_best": "Best: {value}% at epoch {epoch}",
+        "acc_last": "Last: {value}% at epoch {epoch}",
+        "acc_trend_rising": "Trend: still rising at the end ({previous}% before, {last}% last)",
+        "acc_trend_flat": "Trend: flat, the last {n} evaluations lie within {spread} points",
+        "acc_trend_falling": "Trend: falling, the last evaluation is below the best",
+        "acc_trend_mixed": "Trend: mixed",
+        "acc_trend_single": "Trend: one evaluation only",
+        "stop": "Why the run stopped",
+        "stop_max_epochs": "It reached max_epochs ({epoch}).",
+        "stop_max_steps": "It reached max_steps ({step}).",
+        "stop_plateau": "PlateauStopping stopped it at epoch {epoch}: the loss had stopped improving.",
+        "stop_early_stopping": "Early stopping ({callback}) stopped it at epoch {epoch}.",
+        "stop_interrupted": "It was interrupted ({exception}) during epoch {epoch}; this report uses what was "
+        "logged until then.",
+        "stop_failed": "It failed with {exception} during epoch {epoch}; this report uses what was logged until "
+        "then.",
+        "stop_stopped": "trainer.should_stop was set (by a callback or the module) at epoch {epoch}.",
+        "stop_stopped_early": "It stopped at step {step} of max_steps {max_steps}, before its schedule ended: early "
+        "stopping or an interruption (trainer_state.json does not say which).",
+        "stop_unknown": "Unknown: the records do not say.",
+        "stop_message": "Its message: {message}",
+        "figures": "Figures",
+        "fig_loss": "Training loss per step and per epoch, with the learning phases shaded.",
+        "fig_grad_norm_lr": "Gradient norm (left axis) and learning rate (right axis).",
+        "fig_memory": "Memory over the optimizer steps, with the budget line.",
+        "fig_answer_accuracy": "Answer accuracy by epoch.",
+        "recommendations": "Recommendations",
+        "rec_max_epochs": "Train for fewer epochs: after epoch {epoch} the loss fell by only {remaining}% of the "
+        "run's total reduction (under {threshold}%), so a max_epochs near {epoch} would have saved "
+        "{saved} epochs ({saved_pct}% of the run).",
+        "rec_still_improving": "Train for longer: over the last {window} epochs the loss still fell by "
+        "{improvement}%.",
+        "rec_larger_micro_batch": "Memory headroom: the peak used {pct}% of the {budget} MB budget ({headroom} MB "
+        "free). By the memory planner a micro-batch (data.batch_size) of up to {largest} fits, now {batch}: "
+        "raise it and lower trainer.accumulate_grad_batches to keep the effective batch, for faster epochs.",
+        "rec_memory_tight": "Memory is tight: the peak used {pct}% of the budget (over {threshold}%, {headroom} MB "
+        "free). Lower data.batch_size or data.max_length, or turn on gradient checkpointing, before "
+        "anything makes a step longer.",
+        "rec_accuracy_rising": "Answer accuracy was still rising at the last evaluation: more epochs may still "
+        "pay off.",
+        "rec_accuracy_flat": "Answer accuracy is flat over the last evaluations: more epochs of the same "
+        "training are unlikely to help; change the data, the rank or the learning rate instead.",
+        "rec_accuracy_falling": "Answer accuracy fell from its best (epoch {epoch}): keep the checkpoint of that "
+        "epoch (ModelCheckpoint on val/answer_accuracy), or stop earlier.",
+        "rec_truncated": "{count} training examples were cut at max_length {max_length}: their ends were never "
+        "learned. Raise data.max_length or shorten those answers.",
+        "no_recommendations": "None: nothing in the records calls for a change.",
+        "notes": "Notes",
+        "note_no_memory": "No memory.json: the memory section is left out. Add callbacks.memory.GPUMemoryProfiler "
+        "to the run to record it.",
+        "note_no_config_for_planner": "No config.yaml in the run directory: the memory planner was not asked "
+        "about a larger micro-batch.",
+        "note_planner_failed": "The memory planner could not read the config: {error}",
+        "note_too_few_epochs_for_phases": "Only {epochs} epochs: the phase rule needs {window} before it can end "
+        "a phase, so the run is one phase.",
+        "note_online_phases_differ": "The boundaries found during training ({online}) differ from the ones found "
+        "now ({offline}): the run was resumed or its options changed.",
+        "note_no_grad_norm": "No gradient norm was logged: its section is left out.",
+        "note_no_learning_rate": "No learning rate was logged: its section is left out (add "
+        "LearningRateMonitor).",
+        "note_no_validation": "No validation was logged (no val/loss, no answer accuracy): the validation "
+        "section is left out.",
+        "note_no_answer_accuracy": "No answer accuracy was logged: add callbacks.math_eval.MathAnswerEval to "
+        "measure it.",
+    },
+    "es": {
+        "title": "Informe del entrenamiento: {run}",
+        "source": "Escrito por phi2tutor a partir de los registros del propio entrenamiento: `{source}` ({kind}), "
+        "{generated}.",
+        "kind_phi2tutor-run": "directorio de una ejecución de phi2tutor",
+        "kind_trainer_state": "estado del Trainer de Hugging Face",
+        "unknown": "desconocido",
+        "general": "Información general",
+        "item": "Característica",
+        "value": "Valor",
+        "base_model": "Modelo base",
+        "parameters": "Parámetros (contados en el modelo)",
+        "trainable": "Parámetros entrenables",
+        "trainable_value": "{count} ({pct}% del total)",
+        "hardware": "Hardware",
+        "precision": "Precisión",
+        "quantization": "Cuantización",
+        "epochs": "Épocas entrenadas",
+        "epochs_value": "{run} (max_epochs {max})",
+        "steps": "Pasos del optimizador",
+        "started": "Inicio / fin",
+        "duration": "Duración",
+        "first_loss": "Pérdida inicial (época {epoch})",
+        "final_loss": "Pérdida final (última época, {epoch})",
+        "mean_loss": "Pérdida media del entrenamiento (media de las pérdidas por época)",
+        "reported_mean_loss": "Pérdida media según el Trainer (train_loss)",
+        "days": "{n} días",
+        "day": "{n} día",
+        "hours": "{n} horas",
+        "hour": "{n} hora",
+        "minutes": "{n} minutos",
+        "minute": "{n} minuto",
+        "seconds": "{n} segundos",
+        "second": "{n} segundo",
+        "duration_value": "{parts} ({minutes} minutos)",
+        "gpu": "{name}, {memory} MB, {sms} multiprocesadores",
+        "cuda_cores": " ({cores} núcleos CUDA)",
+        "cpu": "CPU: {name}, {cores} núcleos",
+        "memory": "Memoria",
+        "memory_device": "Dispositivo: {device}. Presupuesto: {budget} MB.",
+        "memory_kind": "Tipo de memoria",
+        "memory_size": "Tamaño (MB)",
+        "memory_pct": "% del presupuesto",
+        "mem_allocated": "Asignada",
+        "mem_reserved": "Reservada",
+        "mem_max_allocated": "Máxima asignada",
+        "mem_cpu_rss": "Residente del proceso (CPU)",
+        "mem_cpu_peak_rss": "Pico residente del proceso (CPU)",
+        "memory_peak": "Pico: {peak} MB, el {pct}% del presupuesto; quedan libres {headroom} MB.",
+        "memory_oom": "El entrenamiento se quedó sin memoria.",
+        "memory_planner": "Planificador de memoria para esta configuración: pico estimado de {estimate} MB con "
+        "micro-lote {batch}; el mayor micro-lote que cabe en el presupuesto según su estimación es {largest}.",
+        "phases": "Fases del aprendizaje",
+        "phases_detected": "Fases detectadas sobre la pérdida por época con phi2tutor.phases, la misma regla que "
+        "aplica el callback PhaseDetection durante el entrenamiento: ventana de {window} épocas; el ajuste "
+        "fino empieza por debajo de {ft} y la estabilización por debajo de {st} de la mayor velocidad de "
+        "mejora.",
+        "phases_given": "Límites de fase indicados: últimas épocas {boundaries}.",
+        "phases_online": "Límites hallados durante el entrenamiento por PhaseDetection: {boundaries}.",
+        "total_reduction": "Reducción total de la pérdida: {pct}% (de {start} en la época {first} a {end} en la "
+        "época {last})",
+        "phase_heading": "Fase {number}: {name} (épocas {first}-{last})",
+        "phase_began_at_end": "La fase de {name} empezó después de la última época ({epoch}).",
+        "start_loss": "Pérdida inicial: {value}",
+        "end_loss": "Pérdida al final de la fase: {value}",
+        "improvement": "Mejora dentro de la fase: {value}% ((inicial - final) / inicial)",
+        "share": "Parte de la reducción total de la pérdida: {value}%",
+        "phase_epochs": "Épocas: {count} (el {pct}% del entrenamiento)",
+        "phase_rapid_learning": "aprendizaje rápido",
+        "phase_fine_tuning": "ajuste fino",
+        "phase_stabilization": "estabilización",
+        "grad_norm": "Norma del gradiente",
+        "grad_peak": "Máximo: {peak} en la época {epoch} (paso {step})",
+        "grad_settled": "Se estabilizó en torno a {level} (mediana del último {tail}% de sus valores) desde la "
+        "época {epoch}: la mediana de cada época posterior queda por debajo de {factor} veces ese nivel",
+        "grad_not_settled": "No se estabilizó: la mediana de la última época supera {factor} veces el nivel del "
+        "último {tail}% de sus valores ({level})",
+        "grad_last": "Último valor: {value}",
+        "lr": "Learning rate (tasa de aprendizaje)",
+        "lr_peak": "Máximo: {peak} en la época {epoch} (paso {step})",
+        "lr_first_last": "Primer valor {first}, último valor {last} (el {pct}% del máximo)",
+        "lr_shape": "Programa: {shape}",
+        "shape_constant": "constante",
+        "shape_warmup_constant": "calentamiento durante el primer {warmup}% de los pasos y después constante",
+        "shape_warmup_cosine": "calentamiento durante el primer {warmup}% de los pasos y después decaimiento "
+        "coseno",
+        "shape_warmup_linear": "calentamiento durante el primer {warmup}% de los pasos y después decaimiento "
+        "lineal",
+        "shape_warmup_decay": "calentamiento durante el primer {warmup}% de los pasos y después decaimiento",
+        "shape_cosine": "decaimiento coseno desde el principio",
+        "shape_linear": "decaimiento lineal desde el principio",
+        "shape_decay": "decaimiento desde el principio",
+        "validation": "Validación",
+        "val_loss": "Pérdida de validación: primera {first} (época {first_epoch}), mejor {best} (época "
+        "{best_epoch}), última {last} (época {last_epoch})",
+        "accuracy": "Aciertos de la respuesta final (problemas reservados)",
+        "acc_first": "Primera evaluación: {value}% en la época {epoch}",
+        "acc_first_before": "Antes de entrenar: {value}%",
+        "acc_best": "Mejor: {value}% en la época {epoch}",
+        "acc_last": "Última: {value}% en la época {epoch}",
+        "acc_trend_rising": "Tendencia: todavía al alza al final ({previous}% antes, {last}% en la última)",
+        "acc_trend_flat": "Tendencia: estable, las últimas {n} evaluaciones caben en {spread} puntos",
+        "acc_trend_falling": "Tendencia: a la baja, la última evaluación queda por debajo de la mejor",
+        "acc_trend_mixed": "Tendencia: irregular",
+        "acc_trend_single": "Tendencia: solo hay una evaluación",
+        "stop": "Por qué terminó el entrenamiento",
+        "stop_max_epochs": "Llegó a max_epochs ({epoch}).",
+        "stop_max_steps": "Llegó a max_steps ({step}).",
+        "stop_plateau": "PlateauStopping lo detuvo en la época {epoch}: la pérdida había dejado de mejorar.",
+        "stop_early_stopping": "La parada temprana ({callback}) lo detuvo en la época {epoch}.",
+        "stop_interrupted": "Se interrumpió ({exception}) durante la época {epoch}; este informe usa lo "
+        "registrado hasta entonces.",
+        "stop_failed": "Falló con {exception} durante la época {epoch}; este informe usa lo registrado hasta "
+        "entonces.",
+        "stop_stopped": "Se activó trainer.should_stop (un callback o el módulo) en la época {epoch}.",
+        "stop_stopped_early": "Se detuvo en el paso {step} de max_steps {max_steps}, antes de acabar su programa: "
+        "parada temprana o interrupción (trainer_state.json no dice cuál).",
+        "stop_unknown": "Desconocido: los registros no lo dicen.",
+        "stop_message": "Su mensaje: {message}",
+        "figures": "Figuras",
+        "fig_loss": "Pérdida de entrenamiento por paso y por época, con las fases del aprendizaje sombreadas.",
+        "fig_grad_norm_lr": "Norma del gradiente (eje izquierdo) y learning rate (eje derecho).",
+        "fig_memory": "Memoria a lo largo de los pasos del optimizador, con la línea del presupuesto.",
+        "fig_answer_accuracy": "Aciertos de la respuesta por época.",
+        "recommendations": "Recomendaciones",
+        "rec_max_epochs": "Entrenar menos épocas: tras la época {epoch} la pérdida solo bajó un {remaining}% de la "
+        "reducción total (menos del {threshold}%), así que un max_epochs cercano a {epoch} habría ahorrado "
+        "{saved} épocas (el {saved_pct}% del entrenamiento).",
+        "rec_still_improving": "Entrenar más: en las últimas {window} épocas la pérdida aún bajó un "
+        "{improvement}%.",
+        "rec_larger_micro_batch": "Margen de memoria: el pico usó el {pct}% de los {budget} MB del presupuesto "
+        "(quedan {headroom} MB). Según el planificador de memoria cabe un micro-lote (data.batch_size) de hasta "
+        "{largest}, ahora {batch}: súbelo y baja trainer.accumulate_grad_batches para conservar el lote "
+        "efectivo; las épocas serán más rápidas.",
+        "rec_memory_tight": "La memoria va justa: el pico usó el {pct}% del presupuesto (más del {threshold}%, "
+        "quedan {headroom} MB). Baja data.batch_size o data.max_length, o activa el gradient checkpointing, "
+        "antes de que algo alargue un paso.",
+        "rec_accuracy_rising": "Los aciertos seguían subiendo en la última evaluación: más épocas aún pueden "
+        "compensar.",
+        "rec_accuracy_flat": "Los aciertos no se mueven en las últimas evaluaciones: más épocas del mismo "
+        "entrenamiento difícilmente ayudarán; cambia los datos, el rango o el learning rate.",
+        "rec_accuracy_falling": "Los aciertos bajaron desde su mejor valor (época {epoch}): conserva el checkpoint "
+        "de esa época (ModelCheckpoint sobre val/answer_accuracy) o detén antes el entrenamiento.",
+        "rec_truncated": "{count} ejemplos de entrenamiento se cortaron en max_length {max_length}: su final nunca "
+        "se aprendió. Sube data.max_length o acorta esas respuestas.",
+        "no_recommendations": "Ninguna: nada en los registros pide un cambio.",
+        "notes": "Notas",
+        "note_no_memory": "No hay memory.json: se omite la sección de memoria. Añade "
+        "callbacks.memory.GPUMemoryProfiler al entrenamiento para registrarla.",
+        "note_no_config_for_planner": "No hay config.yaml en el directorio: no se consultó al planificador de "
+        "memoria sobre un micro-lote mayor.",
+        "note_planner_failed": "El planificador de memoria no pudo leer la configuración: {error}",
+        "note_too_few_epochs_for_phases": "Solo {epochs} épocas: la regla de fases necesita {window} para cerrar "
+        "una fase, así que todo el entrenamiento es una sola fase.",
+        "note_online_phases_differ": "Los límites hallados durante el entrenamiento ({online}) no coinciden con "
+        "los de ahora ({offline}): se reanudó el entrenamiento o cambiaron sus opciones.",
+        "note_no_grad_norm": "No se registró la norma del gradiente: se omite su sección.",
+        "note_no_learning_rate": "No se registró el learning rate: se omite su sección (añade "
+        "LearningRateMonitor).",
+        "note_no_validation": "No se registró validación (ni val/loss ni aciertos): se omite la sección de "
+        "validación.",
+        "note_no_answer_accuracy": "No se registraron aciertos de la respuesta: añade "
+        "callbacks.math_eval.MathAnswerEval para medirlos.",
+    },
+}
+
+
+def fmt(value: Any, language: str = "en") -> str:
+    """A number exactly as report.json stores it (so the two always agree); "unknown" for None."""
+    if value is None:
+        return TEXT[language]["unknown"]
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def fmt_count(value: int | None, language: str) -> str:
+    """A large integer with thousands grouped: 2,779,683,840 (en), 2 779 683 840 (es)."""
+    if value is None:
+        return TEXT[language]["unknown"]
+    grouped = f"{int(value):,}"
+    return grouped if language == "en" else grouped.replace(",", " ")
+
+
+def render_markdown(report: dict[str, Any], language: str = "en") -> str:
+    """report.md's text from report.json's content, in English ("en") or Spanish ("es")."""
+    if language not in LANGUAGES:
+        raise Phi2TutorError(f"language {language!r} is not available: use one of {', '.join(LANGUAGES)}.")
+    t = TEXT[language]
+
+    def f(value: Any) -> str:
+        return fmt(value, language)
+
+    lines = [f"# {t['title'].format(run=report['run_name'])}", ""]
+    lines += [
+        t["source"].format(
+            source=report["source"], kind=t[f"kind_{report['source_kind']}"], generated=report["generated_at"]
+        ),
+        "",
+    ]
+    lines += _render_general(report["general"], t, f, language)
+    if report["memory"] is not None:
+        lines += _render_memory(report["memory"], t, f)
+    lines += _render_phases(report["phases"], t, f)
+    if report["grad_norm"] is not None:
+        g = report["grad_norm"]
+        lines += [f"## {t['grad_norm']}", ""]
+        lines.append(
+            "- " + t["grad_peak"].format(peak=f(g["peak"]), epoch=g["peak_epoch"], step=g["peak_step"])
+        )
+        key = "grad_settled" if g["settled_from_epoch"] is not None else "grad_not_settled"
+        lines.append(
+            "- "
+            + t[key].format(
+                level=f(g["settled_level"]),
+                tail=f(g["tail_pct"]),
+                epoch=g["settled_from_epoch"],
+                factor=f(g["settle_factor"]),
+            )
+        )
+        lines += ["- " + t["grad_last"].format(value=f(g["last"])), ""]
+    if report["learning_rate"] is not None:
+        lr = report["learning_rate"]
+        lines += [f"## {t['lr']}", ""]
+        lines.append(
+            "- " + t["lr_peak"].format(peak=f(lr["peak"]), epoch=lr["peak_epoch"], step=lr["peak_step"])
+        )
+        lines.append(
+            "- "
+            + t["lr_first_last"].format(
+                first=f(lr["first"]), last=f(lr["last"]), pct=f(lr["last_pct_of_peak"])
+            )
+        )
+        shape = t[f"shape_{lr['shape']}"].format(warmup=f(lr["warmup_pct"]))
+        lines += ["- " + t["lr_shape"].format(shape=shape), ""]
+    if report["validation"] is not None:
+        lines += _render_validation(report["validation"], t, f)
+    lines += _render_stop(report["stop"], t, f)
+    if report["figures"]:
+        lines += [f"## {t['figures']}", ""]
+        for name, filename in report["figures"].items():
+            lines += [f"![{t[f'fig_{name}']}]({filename})", "", f"*{t[f'fig_{name}']}*", ""]
+    lines += [f"## {t['recommendations']}", ""]
+    for item in report["recommendations"]:
+        lines.append("- " + _render_recommendation(item, report, t, f))
+    if not report["recommendations"]:
+        lines.append("- " + t["no_recommendations"])
+    lines.append("")
+    if report["notes"]:
+        lines += [f"## {t['notes']}", ""]
+        for note in report["notes"]:
+            params = {key: value for key, value in note.items() if key != "key"}
+            lines.append("- " + t[f"note_{note['key']}"].format(**params))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> list[str]:
+    rows = [
+        (t["base_model"], f(g["base_model"])),
+        (t["parameters"], fmt_count(g["total_parameters"], language)),
+        (
+            t["trainable"],
+            t["trainable_value"].format(
+                count=fmt_count(g["trainable_parameters"], language), pct=f(g["trainable_pct"])
+            )
+            if g["trainable_parameters"] is not None
+            else t["unknown"],
+        ),
+        (t["hardware"], _render_hardware(g["hardware"], t, f)),
+        (t["precision"], f(g["precision"])),
+        (t["quantization"], f(g["quantization"])),
+        (t["epochs"], t["epochs_value"].format(run=f(g["epochs_run"]), max=f(g["max_epochs"]))),
+        (t["steps"], f(g["optimizer_steps"])),
+    ]
+    if g["started_at"] is not None:
+        rows.append((t["started"], f"{g['started_at']} / {f(g['ended_at'])}"))
+    if g["duration_parts"] is not None:
+        parts = [
+            t[unit if count != 1 else unit[:-1]].format(n=count)
+            for unit, count in g["duration_parts"].items()
+            if count
+        ]
+        rows.append(
+            (
+                t["duration"],
+                t["duration_value"].format(parts=", ".join(parts), minutes=f(g["duration_minutes"])),
+            )
+        )
+    else:
+        rows.append((t["duration"], t["unknown"]))
+    rows += [
+        (t["first_loss"].format(epoch=g["first_loss_epoch"]), f(g["first_loss"])),
+        (t["final_loss"].format(epoch=g["final_loss_epoch"]), f(g["final_loss"])),
+        (t["mean_loss"], f(g["mean_loss"])),
+    ]
+    if g["trainer_reported_mean_loss"] is not None:
+        rows.append((t["reported_mean_loss"], f(g["trainer_reported_mean_loss"])))
+    lines = [f"## {t['general']}", "", f"| {t['item']} | {t['value']} |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return lines + [""]
+
+
+def _render_hardware(hardware: dict[str, Any] | None, t: dict[str, str], f) -> str:
+    if not hardware:
+        return t["unknown"]
+    if hardware.get("kind") == "cuda":
+        text = t["gpu"].format(
+            name=hardware.get("name"),
+            memory=f(hardware.get("memory_mb")),
+            sms=f(hardware.get("multiprocessors")),
+        )
+        if hardware.get("cuda_cores"):
+            text += t["cuda_cores"].format(cores=hardware["cuda_cores"])
+        return text
+    return t["cpu"].format(name=f(hardware.get("name")), cores=f(hardware.get("cores")))
+
+
+def _render_memory(m: dict[str, Any], t: dict[str, str], f) -> list[str]:
+    lines = [
+        f"## {t['memory']}",
+        "",
+        t["memory_device"].format(device=m["device"], budget=f(m["budget_mb"])),
+        "",
+    ]
+    lines += [f"| {t['memory_kind']} | {t['memory_size']} | {t['memory_pct']} |", "|---|---|---|"]
+    lines += [
+        f"| {t['mem_' + row['name']]} | {f(row['mb'])} | {f(row['percent_of_budget'])} |" for row in m["rows"]
+    ]
+    lines.append("")
+    if m["peak_mb"] is not None and m["budget_mb"]:
+        lines.append(
+            t["memory_peak"].format(
+                peak=f(m["peak_mb"]), pct=f(m["peak_percent_of_budget"]), headroom=f(m["headroom_mb"])
+            )
+        )
+    if m["out_of_memory"]:
+        lines.append(t["memory_oom"])
+    if m["planner"]:
+        p = m["planner"]
+        lines.append(
+            t["memory_planner"].format(
+                estimate=f(p["estimated_peak_mb"]), batch=p["micro_batch"], largest=p["max_micro_batch"]
+            )
+        )
+    return lines + [""]
+
+
+def _render_phases(p: dict[str, Any], t: dict[str, str], f) -> list[str]:
+    lines = [f"## {t['phases']}", ""]
+    if p["method"] == "detected":
+        o = p["options"]
+        lines.append(
+            t["phases_detected"].format(
+                window=o["window"], ft=f(o["fine_tuning_below"]), st=f(o["stabilization_below"])
+            )
+        )
+    else:
+        lines.append(t["phases_given"].format(boundaries=", ".join(str(b) for b in p["boundaries"])))
+    if p["online_boundaries"] is not None:
+        lines.append(
+            t["phases_online"].format(boundaries=", ".join(str(b) for b in p["online_boundaries"]) or "-")
+        )
+    first, last = p["phases"][0]["first_epoch"], p["phases"][-1]["last_epoch"]
+    lines += [
+        "",
+        "- "
+        + t["total_reduction"].format(
+            pct=f(p["total_reduction_pct"]),
+            start=f(p["start_loss"]),
+            end=f(p["end_loss"]),
+            first=first,
+            last=last,
+        ),
+        "",
+    ]
+    if p.get("began_after_last_epoch"):
+        lines += [
+            t["phase_began_at_end"].format(name=t[f"phase_{p['began_after_last_epoch']}"], epoch=last),
+            "",
+        ]
+    for phase in p["phases"]:
+        name = t[f"phase_{phase['name']}"]
+        lines += [
+            "### "
+            + t["phase_heading"].format(
+                number=phase["number"], name=name, first=phase["first_epoch"], last=phase["last_epoch"]
+            ),
+            "",
+            "- " + t["start_loss"].format(value=f(phase["start_loss"])),
+            "- " + t["end_loss"].format(value=f(phase["end_loss"])),
+            "- " + t["improvement"].format(value=f(phase["improvement_pct"])),
+            "- " + t["share"].format(value=f(phase["share_of_total_reduction_pct"])),
+            "- " + t["phase_epochs"].format(count=phase["epochs"], pct=f(phase["epochs_share_pct"])),
+            "",
+        ]
+    return lines
+
+
+def _render_validation(v: dict[str, Any], t: dict[str, str], f) -> list[str]:
+    lines = [f"## {t['validation']}", ""]
+    if v["val_loss"] is not None:
+        lines += ["- " + t["val_loss"].format(**{k: f(value) for k, value in v["val_loss"].items()}), ""]
+    a = v["answer_accuracy"]
+    if a is not None:
+        lines += [f"### {t['accuracy']}", ""]
+        first_key = "acc_first_before" if a["first_epoch"] == 0 else "acc_first"
+        lines.append("- " + t[first_key].format(value=f(a["first"]), epoch=a["first_epoch"]))
+        lines.append("- " + t["acc_best"].format(value=f(a["best"]), epoch=a["best_epoch"]))
+        lines.append("- " + t["acc_last"].format(value=f(a["last"]), epoch=a["last_epoch"]))
+        lines.append(
+            "- "
+            + t[f"acc_trend_{a['trend']}"].format(
+                previous=f(a["previous_pct"]),
+                last=f(a["last"]),
+                n=a["recent_evaluations"],
+                spread=f(a["recent_spread_points"]),
+            )
+        )
+        lines.append("")
+    return lines
+
+
+def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
+    reason = stop.get("reason", "unknown")
+    template = t.get(f"stop_{reason}", t["stop_unknown"])
+    fields = {
+        "epoch": f(stop.get("epoch")),
+        "step": f(stop.get("step")),
+        "max_steps": f(stop.get("max_steps")),
+        "exception": stop.get("exception", t["unknown"]),
+        "callback": stop.get("callback", t["unknown"]),
+    }
+    lines = [f"## {t['stop']}", "", "- " + template.format(**fields)]
+    if stop.get("message"):
+        lines.append("- " + t["stop_message"].format(message=stop["message"]))
+    return lines + [""]
+
+
+def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict[str, str], f) -> str:
+    kind = item["kind"]
+    if kind == "max_epochs":
+        return t["rec_max_epochs"].format(
+            epoch=item["epoch"],
+            remaining=f(item["remaining_reduction_pct"]),
+            threshold=f(item["threshold_pct"]),
+            saved=item["epochs_saved"],
+            saved_pct=f(item["epochs_saved_pct"]),
+        )
+    if kind == "still_improving":
+        return t["rec_still_improving"].format(window=item["window"], improvement=f(item["improvement_pct"]))
+    if kind == "larger_micro_batch":
+        return t["rec_larger_micro_batch"].format(
+            pct=f(item["peak_percent_of_budget"]),
+            budget=f(item["budget_mb"]),
+            headroom=f(item["headroom_mb"]),
+            largest=item["max_micro_batch"],
+            batch=item["micro_batch"],
+        )
+    if kind == "memory_tight":
+        return t["rec_memory_tight"].format(
+            pct=f(item["peak_percent_of_budget"]),
+            threshold=f(item["threshold_pct"]),
+            headroom=f(item["headroom_mb"]),
+        )
+    if kind == "accuracy_falling":
+        return t["rec_accuracy_falling"].format(epoch=report["validation"]["answer_accuracy"]["best_epoch"])
+    if kind == "truncated":
+        return t["rec_truncated"].format(count=item["count"], max_length=f(item["max_length"]))
+    return t[f"rec_{kind}"]
+
+
+# ------------------------------------------------------------------------------------------------ output
