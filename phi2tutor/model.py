@@ -180,12 +180,16 @@ class TutorModule(LightningModule):
             f"quantization {self.hparams.quantization} | compute dtype {self.hparams.compute_dtype} | "
             f"precision {precision} | attention {self.attention_implementation}"
         )
-        if (t := self._trainer) is not None and (b := getattr(t.datamodule, "hparams", {}).get("batch_size")):
-            n = b * t.accumulate_grad_batches * t.num_devices * t.num_nodes
-            rank_zero_info(
-                f"phi2tutor | effective batch {n} = micro-batch {b} x accumulation {t.accumulate_grad_batches} x devices {t.num_devices} x nodes {t.num_nodes}"
-            )
-            self._print_memory_estimate(t)
+        trainer = self._trainer
+        micro_batch = getattr(getattr(trainer, "datamodule", None), "hparams", {}).get("batch_size")
+        if trainer is None or not micro_batch:
+            return
+        accumulation, devices, nodes = trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes
+        rank_zero_info(
+            f"phi2tutor | effective batch {micro_batch * accumulation * devices * nodes} = micro-batch "
+            f"{micro_batch} x accumulation {accumulation} x devices {devices} x nodes {nodes}"
+        )
+        self._print_memory_estimate(trainer)
 
     def _print_memory_estimate(self, trainer) -> None:
         """The planner's peak GPU memory for this configuration (GPUMemoryProfiler reuses it)."""
