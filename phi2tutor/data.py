@@ -170,10 +170,7 @@ class MathDataModule(LightningDataModule):
         hp = self.hparams
         if hp.source == "synthetic":
             splits = generate_splits(self.synthetic)
-            rows = {
-                split: [self._clean(r, "generated", i) for i, r in enumerate(splits[split])]
-                for split in SPLITS
-            }
+            rows = {split: [self._clean(r, "question", "answer") for r in splits[split]] for split in SPLITS}
         else:
             raw = self._read_files() if hp.source == "files" else self._read_hub()
             rows = {}
@@ -250,15 +247,13 @@ class MathDataModule(LightningDataModule):
                     f"{origin}, row {number} {problem}. Set data.question_field / data.answer_field to the "
                     "file's field names, fix the row, or set data.skip_invalid_rows: true to skip such rows."
                 )
-            rows.append(self._clean(record, origin, number))
+            rows.append(self._clean(record, hp.question_field, hp.answer_field))
         if skipped:
             rank_zero_info(f"phi2tutor | skipped {skipped} invalid rows of {origin} (data.skip_invalid_rows)")
         return rows
 
-    def _clean(self, record: dict, origin: str, number: int) -> dict[str, str]:
+    def _clean(self, record: dict, question_key: str, answer_key: str) -> dict[str, str]:
         hp = self.hparams
-        question_key = hp.question_field if origin != "generated" else "question"
-        answer_key = hp.answer_field if origin != "generated" else "answer"
         answer = str(record[answer_key]).strip()
         if not hp.keep_calculator_annotations:
             answer = CALCULATOR_ANNOTATION.sub("", answer)
@@ -325,12 +320,10 @@ class MathDataModule(LightningDataModule):
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         dataset = self.datasets[split]
         lengths = [len(e.input_ids) for e in dataset.examples]
-        if shuffle and self.hparams.group_by_length:
-            sampler = self._shard(LengthGroupedSampler(lengths, batch_size, self.hparams.seed))
-        elif shuffle:
-            sampler = self._shard(
-                LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor=0)
-            )
+        if shuffle:
+            # group_factor 0 is a plain seeded shuffle: the same sampler, resumable, without grouping.
+            group_factor = 16 if self.hparams.group_by_length else 0
+            sampler = self._shard(LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor))
         else:
             sampler = sorted(range(len(dataset)), key=lambda i: -lengths[i])
         return DataLoader(

@@ -127,17 +127,12 @@ class TutorModule(LightningModule):
 
         hp = self.hparams
         self.tokenizer = load_tokenizer(hp.tokenizer_name_or_path, hp.model_name_or_path, hp.model_config)
+        from phi2tutor.attention import FP32_SCORES_ATTENTION, register_fp32_scores_attention
+
         attn = hp.attn_implementation
         if attn is None:
-            if self.uses_float16:
-                from phi2tutor.attention import register_fp32_scores_attention
-
-                attn = register_fp32_scores_attention()
-            else:
-                attn = "sdpa"
-        elif attn == "phi2tutor_fp32_scores":
-            from phi2tutor.attention import register_fp32_scores_attention
-
+            attn = FP32_SCORES_ATTENTION if self.uses_float16 else "sdpa"
+        if attn == FP32_SCORES_ATTENTION:
             register_fp32_scores_attention()
         self.attention_implementation = attn
         base = load_base_model(
