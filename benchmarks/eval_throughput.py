@@ -34,14 +34,13 @@ import torch  # noqa: E402
 from phi2tutor.errors import Phi2TutorError  # noqa: E402
 from phi2tutor.events import event_files, read_scalars  # noqa: E402
 from phi2tutor.grading import extract_answer  # noqa: E402
+from phi2tutor.keys import EVAL_SECONDS_KEY, RUN_JSON  # noqa: E402
 from phi2tutor.model import TutorModule  # noqa: E402
 from phi2tutor.prompts import format_prompt  # noqa: E402
-from phi2tutor.report import RUN_JSON  # noqa: E402
 from phi2tutor.synthetic import SyntheticSpec, generate_splits  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL_DIR = REPO_ROOT / "phi2tutor" / "assets" / "tiny-phi-arith"
-EVAL_SECONDS_KEY = "val/answer_eval_seconds"  # callbacks.math_eval.SECONDS_KEY
 # The demo base's shape (scripts/build_demo_base.py defaults), used when the base is not built yet.
 FALLBACK_MODEL_CONFIG = {
     "hidden_size": 128,

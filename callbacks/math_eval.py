@@ -16,11 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.grading import MathAnswerAccuracy, grade, read_jsonl, reference_answer
-
-ACCURACY_KEY = "val/answer_accuracy"
-INVALID_RATE_KEY = "val/answer_invalid_rate"
-SECONDS_KEY = "val/answer_eval_seconds"
-SAMPLES_KEY = "val/answer_samples"
+from phi2tutor.keys import ACCURACY_KEY, EVAL_SECONDS_KEY, INVALID_RATE_KEY, SAMPLES_KEY
 
 # Table cells longer than this are cut: TensorBoard's text view is for skimming, not for reading essays.
 _MAX_CELL_CHARS = 400
@@ -153,7 +149,7 @@ class MathAnswerEval(Callback):
         for key, value, reduce_fx in (
             (ACCURACY_KEY, result["accuracy"], "mean"),
             (INVALID_RATE_KEY, result["invalid_rate"], "mean"),
-            (SECONDS_KEY, result["seconds"], "max"),
+            (EVAL_SECONDS_KEY, result["seconds"], "max"),
         ):
             pl_module.log(
                 key.replace("val/", f"{prefix}/", 1),
@@ -174,7 +170,7 @@ class MathAnswerEval(Callback):
         metrics = {
             ACCURACY_KEY: result["accuracy"],
             INVALID_RATE_KEY: result["invalid_rate"],
-            SECONDS_KEY: result["seconds"],
+            EVAL_SECONDS_KEY: result["seconds"],
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=_logger_step(trainer))

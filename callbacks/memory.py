@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from phi2tutor.errors import Phi2TutorError
+from phi2tutor.errors import Phi2TutorError, first_line
+from phi2tutor.keys import MEMORY_JSON, MEMORY_PREFIX
 from phi2tutor.memory import MB, MemoryEstimate, format_breakdown_table, plan_from_hparams
 
-MEMORY_JSON = "memory.json"
 SNAPSHOT_FILE = "memory_snapshot.pickle"
 SNAPSHOT_MAX_ENTRIES = 100_000
 
@@ -223,7 +223,7 @@ class GPUMemoryProfiler(Callback):
             keys = ("allocated_mb", "reserved_mb", "max_allocated_mb", "cpu_rss_mb", "cpu_peak_rss_mb")
         else:
             keys = ("cpu_rss_mb", "cpu_peak_rss_mb")
-        metrics = {f"memory/{key}": record[key] for key in keys if record[key] is not None}
+        metrics = {f"{MEMORY_PREFIX}{key}": record[key] for key in keys if record[key] is not None}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self._check_budget(record)
@@ -277,9 +277,7 @@ class GPUMemoryProfiler(Callback):
             f"Memory record: {run_dir / MEMORY_JSON}. No checkpoint was written or changed: the last one "
             "saved is intact; resume from it with --ckpt_path after changing the config."
         )
-        lines.append(
-            f"PyTorch said: {str(exception).strip().splitlines()[0] if str(exception).strip() else ''}"
-        )
+        lines.append(f"PyTorch said: {first_line(exception)}")
         return "\n".join(lines)
 
     def _check_budget(self, record: dict[str, Any]) -> None:

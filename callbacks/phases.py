@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from phi2tutor.errors import Phi2TutorError
+from phi2tutor.keys import LOSS_EPOCH_KEY, PHASE_INDEX_KEY, TRANSITIONS_TEXT_TAG
 from phi2tutor.phases import (
     DEFAULT_FINE_TUNING_BELOW,
     DEFAULT_PHASE_WINDOW,
@@ -22,9 +23,6 @@ from phi2tutor.phases import (
     PhaseTracker,
     PhaseTransition,
 )
-
-PHASE_INDEX_KEY = "phase/index"
-TRANSITIONS_TEXT_TAG = "phase/transitions"
 
 
 class PhaseDetection(Callback):
@@ -57,7 +55,7 @@ class PhaseDetection(Callback):
 
     def __init__(
         self,
-        monitor: str = "train/loss_epoch",
+        monitor: str = LOSS_EPOCH_KEY,
         mode: str = "min",
         window: int = DEFAULT_PHASE_WINDOW,
         fine_tuning_below: float = DEFAULT_FINE_TUNING_BELOW,

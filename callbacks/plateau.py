@@ -18,6 +18,7 @@ from torch import Tensor
 
 from callbacks.phases import PhaseDetection, log_text
 from phi2tutor.errors import Phi2TutorError
+from phi2tutor.keys import LOSS_EPOCH_KEY
 from phi2tutor.phases import PHASE_NAMES, relative_improvement, validate_mode, validate_window
 
 STOP_TEXT_TAG = "plateau/stop"
@@ -63,7 +64,7 @@ class PlateauStopping(EarlyStopping):
 
     def __init__(
         self,
-        monitor: str = "train/loss_epoch",
+        monitor: str = LOSS_EPOCH_KEY,
         mode: str = "min",
         window: int = 10,
         min_rel_improvement: float = 0.01,

@@ -19,8 +19,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from callbacks.phases import PhaseDetection
-from phi2tutor.errors import Phi2TutorError
-from phi2tutor.report import LANGUAGES, RUN_JSON, write_report
+from phi2tutor.errors import Phi2TutorError, first_line
+from phi2tutor.keys import REPORT_MD, RUN_JSON
+from phi2tutor.report import LANGUAGES, write_report
 
 # CUDA cores per streaming multiprocessor by compute capability (NVIDIA's CUDA C Programming Guide,
 # "Arithmetic Instructions"); torch reports multiprocessors, not cores.
@@ -109,7 +110,7 @@ class TrainingReport(Callback):
             "reason": kind,
             "exception": type(exception).__name__,
             "epoch": trainer.current_epoch + 1,
-            "message": str(exception).strip().splitlines()[0][:300] if str(exception).strip() else None,
+            "message": first_line(exception, 300),
         }
         try:
             self._write(trainer, pl_module, stop)
@@ -139,7 +140,7 @@ class TrainingReport(Callback):
             phase_boundaries=self.phase_boundaries,
             draw_figures=self.figures,
         )
-        self.report_path = Path(self.output_dir or run_dir) / "report.md"
+        self.report_path = Path(self.output_dir or run_dir) / REPORT_MD
         general = report["general"]
         rank_zero_info(
             f"phi2tutor | training report: {self.report_path} | final loss {general['final_loss']}, mean loss "

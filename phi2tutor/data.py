@@ -17,8 +17,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from phi2tutor.errors import Phi2TutorError
+from phi2tutor.errors import Phi2TutorError, first_line
 from phi2tutor.grading import reference_answer
+from phi2tutor.keys import TRUNCATED_KEY
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
 from phi2tutor.synthetic import SyntheticSpec, generate_splits
 
@@ -215,7 +216,7 @@ class MathDataModule(LightningDataModule):
         except Exception as error:  # datasets raises many types for "not reachable"
             raise Phi2TutorError(
                 f"Could not load the dataset {hp.hub_dataset!r} (config {hp.hub_config!r}) from the hub: "
-                f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}. "
+                f"{first_line(error)}. "
                 "Without network access, download it elsewhere and use data.source: files with "
                 "data.train_path (and data.test_path), or data.source: synthetic for the bundled problems."
             ) from None
@@ -284,7 +285,7 @@ class MathDataModule(LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self._tokenize(rows[split], split)
         if stage == "fit" and self.truncated_examples and self.trainer is not None and self.trainer.logger:
-            self.trainer.logger.log_metrics({"data/truncated_examples": self.truncated_examples}, step=0)
+            self.trainer.logger.log_metrics({TRUNCATED_KEY: self.truncated_examples}, step=0)
 
     def _tokenize(self, rows: list[dict[str, str]], split: str) -> TokenizedDataset:
         hp = self.hparams

@@ -7,3 +7,11 @@ class Phi2TutorError(Exception):
     The CLI catches it and prints only its message; everything else is a bug and keeps its
     traceback.
     """
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty),
+    for quoting a library's error inside one of ours."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0].strip() if lines else type(error).__name__
+    return text[:limit] if limit else text

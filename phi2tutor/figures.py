@@ -8,6 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from phi2tutor.keys import MEMORY_PREFIX
+
 LABELS = {
     "en": {
         "epoch": "epoch",
@@ -129,7 +131,7 @@ def plot_memory(
     figure = _new_figure()
     axes = figure.add_subplot()
     for tag, points in series.items():
-        axes.plot(*zip(*points), marker=".", label=tag.removeprefix("memory/"))
+        axes.plot(*zip(*points), marker=".", label=tag.removeprefix(MEMORY_PREFIX))
     if budget_mb is not None:
         axes.axhline(budget_mb, color="#c0392b", linestyle="--", label=f"{text['budget']} {budget_mb:g} MB")
     axes.set_xlabel(text["step"])

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from phi2tutor.errors import Phi2TutorError
+from phi2tutor.errors import Phi2TutorError, first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -177,5 +177,4 @@ def wrap_with_lora(
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__).rstrip(".") + "."
+    return first_line(error).rstrip(".") + "."

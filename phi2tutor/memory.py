@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phi2tutor.errors import Phi2TutorError
+from phi2tutor.errors import Phi2TutorError, first_line
 
 MB = 2**20  # "MB" as torch.cuda's memory statistics and the reference run report it: MiB.
 
@@ -208,7 +208,7 @@ def load_model_config(model_name_or_path: str | None, model_config: dict | None 
     except (OSError, ValueError) as error:
         raise Phi2TutorError(
             f"Could not read the config of {model_name_or_path!r}: it is not a local directory, not in the "
-            f"Hugging Face cache, not reachable on the hub ({str(error).strip().splitlines()[0]}) and not one "
+            f"Hugging Face cache, not reachable on the hub ({first_line(error)}) and not one "
             f"of the shapes known offline ({', '.join(KNOWN_MODEL_CONFIGS)}). Give model.model_config "
             "(PhiConfig fields) or a local directory with config.json."
         ) from None

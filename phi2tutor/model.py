@@ -16,6 +16,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
 from phi2tutor.errors import Phi2TutorError
+from phi2tutor.keys import (
+    ADAPTER_DIR,
+    GRAD_NORM_KEY,
+    LOSS_EPOCH_KEY,
+    LOSS_STEP_KEY,
+    LR_KEY,
+    TEST_LOSS_KEY,
+    VAL_LOSS_KEY,
+)
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
 
 PHI2_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
@@ -241,20 +250,18 @@ class TutorModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.target_token_loss(batch)
         batch_size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        self.log(
-            "train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size
-        )
+        self.log(LOSS_STEP_KEY, loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log(LOSS_EPOCH_KEY, loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.target_token_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log(VAL_LOSS_KEY, loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.target_token_loss(batch)
-        self.log("test/loss", loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log(TEST_LOSS_KEY, loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
@@ -269,7 +276,7 @@ class TutorModule(LightningModule):
             return
         grad_norm = torch.linalg.vector_norm(torch.stack(grads))
         if torch.isfinite(grad_norm):  # an fp16 overflow step is skipped by the scaler; don't plot inf
-            self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
+            self.log(GRAD_NORM_KEY, grad_norm, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:
@@ -293,7 +300,7 @@ class TutorModule(LightningModule):
         # The name is the TensorBoard key LearningRateMonitor logs under.
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": LR_KEY},
         }
 
     # ------------------------------------------------------------------ checkpoints and adapters
@@ -322,7 +329,7 @@ class TutorModule(LightningModule):
         directories = []
         # Without a logger, log_dir falls back to the working directory: no run directory, no copy.
         if self.trainer.logger is not None and self.trainer.log_dir is not None:
-            directories.append(Path(self.trainer.log_dir) / "adapter")
+            directories.append(Path(self.trainer.log_dir) / ADAPTER_DIR)
         if self.hparams.adapter_output_dir:
             directories.append(Path(self.hparams.adapter_output_dir))
         return directories

@@ -18,8 +18,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from phi2tutor.errors import Phi2TutorError
+from phi2tutor.errors import Phi2TutorError, first_line
 from phi2tutor.events import event_files, read_scalars
+from phi2tutor.keys import (
+    ACCURACY_KEY,
+    CONFIG_YAML,
+    EPOCH_KEY,
+    GRAD_NORM_KEY,
+    LOSS_EPOCH_KEY,
+    LOSS_STEP_KEY,
+    LR_KEY,
+    MEMORY_JSON,
+    MEMORY_PREFIX,
+    PHASE_INDEX_KEY,
+    REPORT_JSON,
+    REPORT_MD,
+    RUN_JSON,
+    TRAINER_STATE_JSON,
+    TRUNCATED_KEY,
+    VAL_LOSS_KEY,
+)
 from phi2tutor.phases import (
     DEFAULT_FINE_TUNING_BELOW,
     DEFAULT_PHASE_WINDOW,
@@ -30,25 +48,7 @@ from phi2tutor.phases import (
 )
 from phi2tutor.report_text import LANGUAGES, TEXT, render_markdown
 
-REPORT_MD = "report.md"
-REPORT_JSON = "report.json"
-RUN_JSON = "run.json"
-MEMORY_JSON = "memory.json"
-CONFIG_YAML = "config.yaml"
-TRAINER_STATE_JSON = "trainer_state.json"
 REPORT_SCHEMA_VERSION = 1
-
-# TensorBoard keys the report reads (DESIGN.md: keep them stable).
-LOSS_STEP_KEY = "train/loss"
-LOSS_EPOCH_KEY = "train/loss_epoch"
-GRAD_NORM_KEY = "train/grad_norm"
-LR_KEY = "train/lr"
-VAL_LOSS_KEY = "val/loss"
-ACCURACY_KEY = "val/answer_accuracy"
-EPOCH_KEY = "epoch"
-TRUNCATED_KEY = "data/truncated_examples"
-PHASE_INDEX_KEY = "phase/index"
-MEMORY_PREFIX = "memory/"
 
 PHASE_NAME_KEYS = ("rapid_learning", "fine_tuning", "stabilization")
 
@@ -483,7 +483,7 @@ def _planner_micro_batch(
             **estimate_settings(estimate),
         )
     except (Phi2TutorError, ValueError, TypeError, OSError) as error:
-        notes.append({"key": "planner_failed", "error": str(error).splitlines()[0][:200]})
+        notes.append({"key": "planner_failed", "error": first_line(error, 200)})
         return None
     return {
         "micro_batch": estimate.settings["micro_batch"],

@@ -1,0 +1,36 @@
+"""TensorBoard keys and run-directory file names: written by the module and callbacks, read back by the
+report and the benchmarks. One place, so a writer and its reader can never disagree (DESIGN.md: keep them
+stable, the report reads them).
+"""
+
+# Scalars logged by TutorModule and LearningRateMonitor.
+LOSS_STEP_KEY = "train/loss"
+LOSS_EPOCH_KEY = "train/loss_epoch"
+GRAD_NORM_KEY = "train/grad_norm"
+LR_KEY = "train/lr"
+VAL_LOSS_KEY = "val/loss"
+TEST_LOSS_KEY = "test/loss"
+EPOCH_KEY = "epoch"
+TRUNCATED_KEY = "data/truncated_examples"
+
+# MathAnswerEval.
+ACCURACY_KEY = "val/answer_accuracy"
+INVALID_RATE_KEY = "val/answer_invalid_rate"
+EVAL_SECONDS_KEY = "val/answer_eval_seconds"
+SAMPLES_KEY = "val/answer_samples"
+
+# PhaseDetection.
+PHASE_INDEX_KEY = "phase/index"
+TRANSITIONS_TEXT_TAG = "phase/transitions"
+
+# GPUMemoryProfiler: MEMORY_PREFIX + allocated_mb, reserved_mb, max_allocated_mb, cpu_rss_mb, ...
+MEMORY_PREFIX = "memory/"
+
+# Files in a run directory (lightning_logs/version_N/).
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+RUN_JSON = "run.json"
+MEMORY_JSON = "memory.json"
+CONFIG_YAML = "config.yaml"
+TRAINER_STATE_JSON = "trainer_state.json"
+ADAPTER_DIR = "adapter"
