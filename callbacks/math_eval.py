@@ -15,8 +15,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from phi2tutor.errors import Phi2TutorError
-from phi2tutor.grading import MathAnswerAccuracy, grade, read_jsonl, reference_answer
+from phi2tutor.grading import grade, read_jsonl, reference_answer
 from phi2tutor.keys import ACCURACY_KEY, EVAL_SECONDS_KEY, INVALID_RATE_KEY, SAMPLES_KEY
+from phi2tutor.metrics import MathAnswerAccuracy
 
 # Table cells longer than this are cut: TensorBoard's text view is for skimming, not for reading essays.
 _MAX_CELL_CHARS = 400

@@ -15,3 +15,20 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     text = lines[0].strip() if lines else type(error).__name__
     return text[:limit] if limit else text
+
+
+def check_option(owner: str, name: str, value: object, valid: bool, requirement: str) -> None:
+    """Raise a Phi2TutorError naming ``owner``'s option ``name`` when ``valid`` is False.
+
+    Constructors call it, so a bad value stops the command while the config is read, in one paragraph,
+    before a library deep inside fails on it (torch's DataLoader on a negative batch size, peft on r=0).
+
+    Args:
+        owner: the option's prefix as the user writes it ("data", "model", "GPUMemoryProfiler").
+        name: the option.
+        value: its value.
+        valid: whether the value is acceptable.
+        requirement: what it must be ("a positive integer"), completing "it must be ...".
+    """
+    if not valid:
+        raise Phi2TutorError(f"{owner}.{name}={value!r} is invalid: it must be {requirement}. Fix the option.")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from phi2tutor.errors import Phi2TutorError
+from phi2tutor.errors import Phi2TutorError, check_option
 from phi2tutor.keys import (
     ADAPTER_DIR,
     GRAD_NORM_KEY,
@@ -113,6 +113,24 @@ class TutorModule(LightningModule):
             init_seed: Seed of the random initialisation of a ``model_config`` model.
         """
         super().__init__()
+        for name, value, valid, requirement in (
+            ("lora_r", lora_r, lora_r >= 1, "a positive integer (the LoRA rank, e.g. 8 or 16)"),
+            ("lora_alpha", lora_alpha, lora_alpha > 0, "positive (the scale is lora_alpha / lora_r)"),
+            ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
+            ("learning_rate", learning_rate, learning_rate > 0, "positive"),
+            ("weight_decay", weight_decay, weight_decay >= 0, "0 or more"),
+            ("warmup_fraction", warmup_fraction, 0 <= warmup_fraction <= 1, "in [0, 1]"),
+            ("warmup_steps", warmup_steps, warmup_steps is None or warmup_steps >= 0, "0 or more, or null"),
+            ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+            (
+                "lr_schedule_epochs",
+                lr_schedule_epochs,
+                lr_schedule_epochs is None or lr_schedule_epochs > 0,
+                "positive, or null (the whole run)",
+            ),
+            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "a positive integer"),
+        ):
+            check_option("model", name, value, valid, requirement)
         self.save_hyperparameters()
         self.lora_target_modules = list(lora_target_modules or PHI2_LORA_TARGETS)
         self.model: torch.nn.Module | None = None
