@@ -264,7 +264,7 @@ class GPUMemoryProfiler(Callback):
         where = "the GPU's peak allocated" if self.on_cuda else "the process's peak resident memory"
         reserved = f", reserved {summary['reserved_mb']:.0f} MB" if summary["reserved_mb"] is not None else ""
         lines = [
-            f"CUDA ran out of memory at step {trainer.global_step} (epoch {trainer.current_epoch}) on "
+            f"CUDA ran out of memory at step {trainer.global_step} (epoch {trainer.current_epoch + 1}) on "
             f"{summary['device']}: {where} reached {peak:.0f} MB, {summary['percent_of_budget']:.0f}% of the "
             f"{self.budget_mb:.0f} MB budget{reserved}.",
         ]
