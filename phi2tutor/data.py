@@ -21,6 +21,7 @@ from phi2tutor.errors import Phi2TutorError, check_option, first_line
 from phi2tutor.files import read_text, require_file, text_lines
 from phi2tutor.grading import reference_answer
 from phi2tutor.keys import TRUNCATED_KEY
+from phi2tutor.phi2 import PHI2_HUB_ID
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
 from phi2tutor.synthetic import SyntheticSpec, generate_splits
 
@@ -222,16 +223,21 @@ class MathDataModule(LightningDataModule):
                 raw[split] = (path, read_records(path, f"{split} data (data.{split}_path)"))
         return raw
 
-    def _read_hub(self) -> dict[str, tuple[str, list[tuple[int, dict]]]]:
+    def prepare_data(self) -> None:
+        """Download the hub dataset into the datasets cache. Lightning calls this once per node (local rank
+        zero) before any process's setup, so under DDP the download happens once; setup then reads the cache."""
+        if self.hparams.source == "hub":
+            self._hub_tables()
+
+    def _hub_tables(self) -> dict[str, Any]:
         hp = self.hparams
         try:
             import datasets
 
-            raw = {}
-            for split, hub_split in (("train", hp.hub_train_split), ("test", hp.hub_test_split)):
-                table = datasets.load_dataset(hp.hub_dataset, hp.hub_config, split=hub_split)
-                raw[split] = (f"{hp.hub_dataset}[{hub_split}]", list(enumerate(table, start=1)))
-            return raw
+            return {
+                split: datasets.load_dataset(hp.hub_dataset, hp.hub_config, split=hub_split)
+                for split, hub_split in (("train", hp.hub_train_split), ("test", hp.hub_test_split))
+            }
         except Exception as error:  # datasets raises many types for "not reachable"
             raise Phi2TutorError(
                 f"Could not load the dataset {hp.hub_dataset!r} (config {hp.hub_config!r}) from the hub: "
@@ -239,6 +245,15 @@ class MathDataModule(LightningDataModule):
                 "Without network access, download it elsewhere and use data.source: files with "
                 "data.train_path (and data.test_path), or data.source: synthetic for the bundled problems."
             ) from None
+
+    def _read_hub(self) -> dict[str, tuple[str, list[tuple[int, dict]]]]:
+        hp = self.hparams
+        splits = {"train": hp.hub_train_split, "test": hp.hub_test_split}
+        # After prepare_data this reads datasets' local cache (load_dataset reuses a downloaded dataset).
+        return {
+            split: (f"{hp.hub_dataset}[{splits[split]}]", list(enumerate(table, start=1)))
+            for split, table in self._hub_tables().items()
+        }
 
     def _validate_rows(self, records: list[tuple[int, dict]], origin: str) -> list[dict[str, str]]:
         hp = self.hparams
@@ -283,7 +298,8 @@ class MathDataModule(LightningDataModule):
         if self.tokenizer is None:
             from phi2tutor.loading import load_tokenizer
 
-            self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, "microsoft/phi-2", None)
+            # Without the CLI's link to the model's tokenizer, Phi-2's (loading.tokenizer_source decides).
+            self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, PHI2_HUB_ID, None)
         if stage == "predict":
             return
         rows = self.load_rows()

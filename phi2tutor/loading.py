@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from phi2tutor.errors import Phi2TutorError, first_line
+from phi2tutor.phi2 import PHI2_LORA_TARGETS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -77,6 +78,33 @@ def _check_local_source(source: str, what: str, option: str) -> None:
             f"{option} {source!r} is a local path, and no directory exists there (relative paths start from "
             f"{Path.cwd()}). Check the path, or give a hub id such as microsoft/phi-2."
         )
+
+
+# What from_pretrained reads: config and tokenizer files, safetensors weights (Phi-2's hub repo has both
+# .safetensors and .bin copies; downloading only one halves the download).
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]
+
+
+def download_from_hub(source: str, what: str, option: str) -> None:
+    """Fetch a hub model into the local hub cache (nothing for a local directory), so that the later
+    from_pretrained of every process reads the cache. TutorModule.prepare_data calls it: Lightning runs
+    that once per node, before any process loads the model.
+
+    Raises:
+        Phi2TutorError: the hub cannot be reached or has no such repository.
+    """
+    if Path(source).expanduser().exists() or _looks_like_path(source):
+        return
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(source, allow_patterns=HUB_FILE_PATTERNS)
+    except Exception as error:  # huggingface_hub raises many types for "not reachable" and "no such repo"
+        raise Phi2TutorError(
+            f"Could not download the {what} {source!r}: it is no local directory (relative to {Path.cwd()}) "
+            f"and the hub did not give it ({_first_line(error)}) Give {option} as a local directory, or a hub "
+            "id on a machine that can reach the hub."
+        ) from None
 
 
 def quantization_config(quantization: str, compute_dtype: str):
@@ -218,7 +246,7 @@ def wrap_with_lora(
         if missing:
             raise Phi2TutorError(
                 f"model.lora_target_modules names {missing}, which the base model does not have. Phi-2's "
-                "linear layers are q_proj, k_proj, v_proj, dense, fc1 and fc2."
+                f"linear layers are {', '.join(PHI2_LORA_TARGETS)}."
             )
         config = LoraConfig(
             r=r,

@@ -25,9 +25,9 @@ from phi2tutor.keys import (
     TEST_LOSS_KEY,
     VAL_LOSS_KEY,
 )
+from phi2tutor.phi2 import PHI2_HUB_ID, PHI2_LORA_TARGETS
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
 
-PHI2_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 Quantization = Literal["none", "nf4", "nf4-double", "int8"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
@@ -45,7 +45,7 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_
 class TutorModule(LightningModule):
     def __init__(
         self,
-        model_name_or_path: str = "microsoft/phi-2",
+        model_name_or_path: str = PHI2_HUB_ID,
         model_config: dict[str, Any] | None = None,
         tokenizer_name_or_path: str | None = None,
         adapter_path: str | None = None,
@@ -145,6 +145,18 @@ class TutorModule(LightningModule):
     def uses_float16(self) -> bool:
         precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
         return self.hparams.compute_dtype == "float16" or precision.startswith("16")
+
+    def prepare_data(self) -> None:
+        """Download a hub base model (and tokenizer) once per node, before any process loads it: under DDP
+        every process would otherwise download the same 5 GB."""
+        from phi2tutor.loading import download_from_hub, tokenizer_source
+
+        hp = self.hparams
+        if hp.model_config is None:
+            download_from_hub(hp.model_name_or_path, "base model", "model.model_name_or_path")
+        source = tokenizer_source(hp.tokenizer_name_or_path, hp.model_name_or_path, hp.model_config)
+        if source != hp.model_name_or_path:
+            download_from_hub(source, "tokenizer", "model.tokenizer_name_or_path")
 
     def configure_model(self) -> None:
         """Load tokenizer, base model, quantization and LoRA (once; Lightning calls it for every stage)."""
@@ -342,6 +354,11 @@ class TutorModule(LightningModule):
         if self.trainer.is_global_zero:
             for directory in directories:
                 self.save_adapter(directory)
+            if not directories:
+                rank_zero_info(
+                    "phi2tutor | no logger (no run directory) and no model.adapter_output_dir: the adapter is "
+                    "not saved as a directory; the trained weights are only in the checkpoints"
+                )
 
     def adapter_directories(self) -> list[Path]:
         directories = []
