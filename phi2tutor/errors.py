@@ -31,4 +31,6 @@ def check_option(owner: str, name: str, value: object, valid: bool, requirement:
         requirement: what it must be ("a positive integer"), completing "it must be ...".
     """
     if not valid:
-        raise Phi2TutorError(f"{owner}.{name}={value!r} is invalid: it must be {requirement}. Fix the option.")
+        raise Phi2TutorError(
+            f"{owner}.{name}={value!r} is invalid: it must be {requirement}. Fix the option."
+        )

@@ -109,7 +109,10 @@ def test_json_and_parquet_sources(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        (lambda p: {"train_path": str(p / "missing.jsonl")}, r"train data \(data.train_path\) file .*missing.jsonl does not exist"),
+        (
+            lambda p: {"train_path": str(p / "missing.jsonl")},
+            r"train data \(data.train_path\) file .*missing.jsonl does not exist",
+        ),
         (
             lambda p: {"train_path": str(write_jsonl(p / "t.jsonl", ROWS, {2: "{not json"}))},
             "t.jsonl, line 3 is not valid JSON",
@@ -139,7 +142,9 @@ def test_json_and_parquet_sources(tmp_path: Path) -> None:
 )
 def test_bad_input_names_file_and_line(tmp_path: Path, setup, message: str) -> None:
     data = datamodule(source="files", **setup(tmp_path))
-    with pytest.raises(Phi2TutorError, match=message if message.startswith("train data") else re.escape(message)):
+    with pytest.raises(
+        Phi2TutorError, match=message if message.startswith("train data") else re.escape(message)
+    ):
         data.setup("fit")
 
 
