@@ -194,7 +194,7 @@ def plot_grad_norm_and_lr(
         if grad_norms and learning_rates
         else text["grad_norm" if grad_norms else "learning_rate"]
     )
-    left.set_title(title.format(run=run_name) if "{run}" in title else f"{title}: {run_name}")
+    left.set_title(title.format(run=run_name) if "{run}" in title else f"{title.capitalize()}: {run_name}")
     left.legend(handles=handles, loc="upper right", fontsize=8)
     _save(figure, path)
 
