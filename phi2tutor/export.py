@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from phi2tutor.errors import Phi2TutorError
-from phi2tutor.keys import REPORT_JSON, RUN_JSON
+from phi2tutor.keys import REPORT_JSON
 
 EXPORT_DTYPES = ("float16", "float32", "bfloat16")
 GGUF_TYPES = ("f16", "q8_0")
@@ -135,7 +135,6 @@ def report_numbers(run_dir: Path | None) -> list[tuple[str, str]]:
         return []
     rows: list[tuple[str, str]] = []
     report = _read_json(run_dir / REPORT_JSON)
-    run = _read_json(run_dir / RUN_JSON)
     general = (report or {}).get("general") or {}
     for key, label in (
         ("epochs_run", "epochs run"),
@@ -151,18 +150,17 @@ def report_numbers(run_dir: Path | None) -> list[tuple[str, str]]:
     if phases.get("total_reduction_pct") is not None:
         rows.append(("loss reduction", f"{phases['total_reduction_pct']} %"))
     accuracy = ((report or {}).get("validation") or {}).get("answer_accuracy") or {}
-    for key, label in (
-        ("first", "answer accuracy before/first"),
-        ("best", "best answer accuracy"),
-        ("last", "last answer accuracy"),
-    ):
-        value = accuracy.get(key)
-        if isinstance(value, dict) and value.get("value") is not None:
-            rows.append((label, f"{value['value']} % (epoch {value.get('epoch')})"))
-        elif isinstance(value, (int, float)):
-            rows.append((label, f"{value} %"))
-    if run and run.get("stop_reason"):
-        rows.append(("why it stopped", str(run["stop_reason"])))
+    for key in ("first", "best", "last"):
+        if accuracy.get(key) is None:
+            continue
+        epoch = accuracy.get(f"{key}_epoch")
+        label = (
+            "answer accuracy before training" if key == "first" and epoch == 0 else f"answer accuracy, {key}"
+        )
+        rows.append((label, f"{accuracy[key]} % (epoch {epoch})"))
+    stop = (report or {}).get("stop") or {}
+    if stop.get("message"):
+        rows.append(("why it stopped", str(stop["message"])))
     return rows
 
 

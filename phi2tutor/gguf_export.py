@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def pre_tokenizer_name(tokenizer_json: dict[str, Any]) -> str:
             continue
         if part.get("type") == "Digits" and part.get("individual_digits"):
             # Equivalent under gpt-2's regex only if no merge ever joins a digit with another symbol.
-            joined = [m for m in _merges(model) if any(ch.isdigit() for ch in "".join(m))]
+            # Byte-level symbols: ASCII digits stand for themselves ("³" there is a UTF-8 byte, not a digit).
+            joined = [m for m in _merges(model) if any(ch in "0123456789" for ch in "".join(m))]
             if joined:
                 raise Phi2TutorError(
                     f"The tokenizer splits digits one by one, but {len(joined)} of its merges join digits "
@@ -188,9 +190,9 @@ def export_gguf(path, output, gguf_type: str = "f16", overrides=None, overwrite:
     writer = gguf.GGUFWriter(output / gguf_name, GGUF_ARCH)
     writer.add_name(name)
     add_parameters(writer, config, int(file_type))
-    tokenizer_dir = output / "tokenizer"
-    tokenizer.save_pretrained(tokenizer_dir)
-    add_tokenizer(writer, tokenizer, tokenizer_dir, config.vocab_size)
+    with tempfile.TemporaryDirectory() as tokenizer_dir:  # gguf's SpecialVocab reads the saved files
+        tokenizer.save_pretrained(tokenizer_dir)
+        add_tokenizer(writer, tokenizer, Path(tokenizer_dir), config.vocab_size)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tensors = add_tensors(writer, model, config.num_hidden_layers, gguf_type)
     writer.write_header_to_file()
@@ -205,7 +207,7 @@ def export_gguf(path, output, gguf_type: str = "f16", overrides=None, overwrite:
     size_mb = (output / gguf_name).stat().st_size / 2**20
     print(
         f"phi2tutor | {output / gguf_name}: llama.cpp {GGUF_ARCH}, {gguf_type}, {tensors} tensors, "
-        f"{size_mb:.1f} MB; Ollama Modelfile beside it; the tokenizer files in {tokenizer_dir}",
+        f"{size_mb:.1f} MB; Ollama Modelfile beside it",
         file=sys.stderr,
     )
     return output / gguf_name

@@ -40,5 +40,8 @@ def train_tiny_tutor(tmp_path: Path) -> Path:
             "max_length": 96,
         },
     )
+    config["trainer"]["callbacks"] = [
+        {"class_path": "callbacks.report.TrainingReport", "init_args": {"figures": False}},
+    ]
     main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
     return sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
