@@ -10,6 +10,9 @@ EXTRA_COMMANDS = {
     "score": "Grade a predictions file (.jsonl) from any system: accuracy, correct, wrong, invalid.",
     "report": "Write the training report of a finished run (run directory or HF trainer_state.json).",
     "plan": "Estimate the peak GPU memory of a config before loading anything; does it fit the budget?",
+    "chat": "Ask a trained tutor questions in the terminal (streamed answers), or --question / stdin for scripts.",
+    "serve": "Serve a trained tutor over an OpenAI-compatible HTTP API (LitServe): /v1/chat/completions ...",
+    "export": "Merge a trained tutor's LoRA into its base: a transformers model directory, or GGUF for llama.cpp.",
 }
 
 DESCRIPTION = """Fine-tune Phi-2 into a math tutor with LoRA/QLoRA and explain the run.
@@ -17,7 +20,7 @@ DESCRIPTION = """Fine-tune Phi-2 into a math tutor with LoRA/QLoRA and explain t
 Training commands (Lightning): fit, validate, test, predict -- e.g.
   phi2tutor fit --config configs/demo.yaml
   phi2tutor validate --config configs/demo.yaml --model.adapter_path models/demo-tutor
-Analysis commands (no training): {extra}
+Commands without training: {extra}
 Run `phi2tutor COMMAND --help` for the options of a command.""".format(
     extra="; ".join(f"{name}: {text}" for name, text in EXTRA_COMMANDS.items())
 )
@@ -121,6 +124,18 @@ def run_extra_command(name: str, args: list[str]) -> None:
         from phi2tutor.memory import main_plan
 
         main_plan(args)
+    elif name == "chat":
+        from phi2tutor.chat import main_chat
+
+        main_chat(args)
+    elif name == "serve":
+        from phi2tutor.serve import main_serve
+
+        main_serve(args)
+    elif name == "export":
+        from phi2tutor.export import main_export
+
+        main_export(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,3 +34,5 @@ MEMORY_JSON = "memory.json"
 CONFIG_YAML = "config.yaml"
 TRAINER_STATE_JSON = "trainer_state.json"
 ADAPTER_DIR = "adapter"
+# Beside a saved adapter: the TutorModule settings chat, serve and export rebuild the tutor from.
+TUTOR_SETTINGS_JSON = "phi2tutor_adapter.json"

@@ -340,17 +340,27 @@ class TutorModule(LightningModule):
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
+        # What chat, serve and export need to rebuild this tutor from the directory alone.
+        from phi2tutor.tutor import write_tutor_settings
+
+        write_tutor_settings(directory, dict(self.hparams))
         rank_zero_info(f"phi2tutor | adapter and tokenizer saved to {directory}")
         return directory
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(
-        self, questions: list[str], max_new_tokens: int | None = None, batch_size: int = 16
+        self,
+        questions: list[str],
+        max_new_tokens: int | None = None,
+        batch_size: int = 16,
+        **generate_kwargs: Any,
     ) -> list[str]:
         """Greedy answers to ``questions``: batched, left-padded, KV-cached, stopped at EOS.
 
-        Returns only the new text of each answer, in the order of ``questions``.
+        Returns only the new text of each answer, in the order of ``questions``. ``generate_kwargs`` go to
+        transformers' ``generate`` (sampling, a streamer, stopping criteria: chat and serve use them);
+        batches run in order of prompt length.
         """
         if self.model is None:
             self.configure_model()
@@ -369,14 +379,15 @@ class TutorModule(LightningModule):
                 indices = order[start : start + batch_size]
                 encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
                 encoded = {k: v.to(self.device) for k, v in encoded.items()}
-                output = self.model.generate(
-                    **encoded,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
+                options = {
+                    "max_new_tokens": max_new_tokens,
+                    "do_sample": False,
+                    "use_cache": True,
+                    "eos_token_id": tokenizer.eos_token_id,
+                    "pad_token_id": tokenizer.pad_token_id,
+                    **generate_kwargs,
+                }
+                output = self.model.generate(**encoded, **options)
                 new_tokens = output[:, encoded["input_ids"].shape[1] :]
                 for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     answers[i] = text.strip()
