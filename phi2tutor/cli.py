@@ -13,6 +13,7 @@ EXTRA_COMMANDS = {
     "chat": "Ask a trained tutor questions in the terminal (streamed answers), or --question / stdin for scripts.",
     "serve": "Serve a trained tutor over an OpenAI-compatible HTTP API (LitServe): /v1/chat/completions ...",
     "export": "Merge a trained tutor's LoRA into its base: a transformers model directory, or GGUF for llama.cpp.",
+    "data": "Audit a config's data as fit reads it: duplicates, train/test overlap, lengths, difficulty.",
 }
 
 DESCRIPTION = """Fine-tune Phi-2 into a math tutor with LoRA/QLoRA and explain the run.
@@ -136,6 +137,60 @@ def run_extra_command(name: str, args: list[str]) -> None:
         from phi2tutor.export import main_export
 
         main_export(args)
+    elif name == "data":
+        main_data(args)
+
+
+def instantiate_from_args(args: list[str]):
+    """The model, data module and trainer of a config, built by the same LightningCLI parser as fit (its
+    defaults, overrides, linked arguments and validation), without running anything."""
+    from callbacks.predictions import PredictionWriter
+    from phi2tutor.data import MathDataModule
+    from phi2tutor.model import TutorModule
+
+    cli_class = build_cli_class()
+    return cli_class(
+        TutorModule,
+        MathDataModule,
+        args=args,
+        run=False,
+        trainer_defaults={"logger": False, "callbacks": [PredictionWriter()]},
+        save_config_callback=None,
+    )
+
+
+def main_data(args: list[str]) -> None:
+    """``phi2tutor data``: the data report of a config, written without training."""
+    import argparse
+    from pathlib import Path
+
+    from phi2tutor.data_audit import LANGUAGES
+
+    parser = argparse.ArgumentParser(
+        prog="phi2tutor data",
+        description=(
+            "Read a config's data exactly as `phi2tutor fit` would (source, fields, template, tokenizer, "
+            "max_length) and write data_report.md, data_report.json and data_lengths.png: rows per split, "
+            "rows skipped and why, exact and near-duplicate questions, train/test contamination by shared "
+            "13-grams, token lengths against max_length, solution steps and number sizes, calculator "
+            "annotations, and recommendations. Every option of `phi2tutor fit` is accepted (--config, "
+            "--data.train_path, --data.max_length, ...); fit writes the same report into its run directory."
+        ),
+    )
+    parser.add_argument(
+        "--output", help="Directory for the report (default: lightning_logs/data-CONFIG_NAME)."
+    )
+    parser.add_argument("--language", choices=LANGUAGES, default="en", help="Report language.")
+    options, rest = parser.parse_known_args(args)
+    cli = instantiate_from_args(rest)
+    config_paths = [str(p) for p in (cli.config.get("config") or [])]
+    name = Path(config_paths[-1]).stem if config_paths else "default"
+    output = Path(options.output or Path(cli.trainer.default_root_dir) / "lightning_logs" / f"data-{name}")
+    report = cli.datamodule.write_data_report(output, options.language)
+    print(report.read_text(), end="")
+    print(
+        f"\nphi2tutor data: wrote {report}, {report.with_suffix('.json')} and {output / 'data_lengths.png'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

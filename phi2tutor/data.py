@@ -123,6 +123,7 @@ class MathDataModule(LightningDataModule):
         group_by_length: bool = True,
         num_workers: int = 0,
         seed: int = 42,
+        audit: bool = True,
         tokenizer_name_or_path: str | None = None,
     ) -> None:
         """Math problems with GSM8K-style answers ("... #### N"), tokenized for causal-LM fine-tuning.
@@ -152,6 +153,8 @@ class MathDataModule(LightningDataModule):
             group_by_length: Batch examples of similar length together (less padding, same loss).
             num_workers: DataLoader worker processes.
             seed: Seed of the validation split and of the training order.
+            audit: At the start of fit, write the data report (data_report.md: duplicates, train/test
+                overlap, token lengths, difficulty; ``phi2tutor data`` writes the same) into the run directory.
             tokenizer_name_or_path: Tokenizer to use; the CLI links it to the model's tokenizer.
         """
         super().__init__()
@@ -162,6 +165,10 @@ class MathDataModule(LightningDataModule):
         self.rows: dict[str, list[dict[str, str]]] = {}
         self.datasets: dict[str, TokenizedDataset] = {}
         self.truncated_examples = 0
+        # Per split: rows skipped by reason, and the calculator annotations of each kept row's answer as read.
+        self.skipped: dict[str, dict[str, int]] = {}
+        self.annotations: dict[str, list[int]] = {}
+        self._annotations_seen: list[int] = []
 
     # ------------------------------------------------------------------ rows
     def load_rows(self) -> dict[str, list[dict[str, str]]]:
@@ -171,15 +178,26 @@ class MathDataModule(LightningDataModule):
         hp = self.hparams
         if hp.source == "synthetic":
             splits = generate_splits(self.synthetic)
-            rows = {split: [self._clean(r, "question", "answer") for r in splits[split]] for split in SPLITS}
+            rows = {}
+            for split in SPLITS:
+                self._annotations_seen = []
+                rows[split] = [self._clean(r, "question", "answer") for r in splits[split]]
+                self.annotations[split] = self._annotations_seen
         else:
             raw = self._read_files() if hp.source == "files" else self._read_hub()
             rows = {}
             for split, (origin, records) in raw.items():
-                rows[split] = self._validate_rows(records, origin)
+                self._annotations_seen = []
+                rows[split] = self._validate_rows(records, origin, split)
+                self.annotations[split] = self._annotations_seen
             if "val" not in rows:
+                annotations = dict(zip(map(id, rows["train"]), self.annotations["train"]))
                 rows["train"], rows["val"] = self._split_off_validation(rows["train"])
-            rows.setdefault("test", rows["val"])
+                for split in ("train", "val"):
+                    self.annotations[split] = [annotations[id(row)] for row in rows[split]]
+            if "test" not in rows:
+                rows["test"] = rows["val"]
+                self.annotations["test"] = self.annotations["val"]
         for split in ("train", "val"):
             if not rows[split]:
                 raise Phi2TutorError(
@@ -221,7 +239,9 @@ class MathDataModule(LightningDataModule):
                 "data.train_path (and data.test_path), or data.source: synthetic for the bundled problems."
             ) from None
 
-    def _validate_rows(self, records: list[tuple[int, dict]], origin: str) -> list[dict[str, str]]:
+    def _validate_rows(
+        self, records: list[tuple[int, dict]], origin: str, split: str = "train"
+    ) -> list[dict[str, str]]:
         hp = self.hparams
         rows, skipped = [], 0
         for number, record in records:
@@ -243,6 +263,9 @@ class MathDataModule(LightningDataModule):
             if problem:
                 if hp.skip_invalid_rows:
                     skipped += 1
+                    reasons = self.skipped.setdefault(split, {})
+                    reason = problem.split(" (fields")[0]
+                    reasons[reason] = reasons.get(reason, 0) + 1
                     continue
                 raise Phi2TutorError(
                     f"{origin}, row {number} {problem}. Set data.question_field / data.answer_field to the "
@@ -256,6 +279,7 @@ class MathDataModule(LightningDataModule):
     def _clean(self, record: dict, question_key: str, answer_key: str) -> dict[str, str]:
         hp = self.hparams
         answer = str(record[answer_key]).strip()
+        self._annotations_seen.append(len(CALCULATOR_ANNOTATION.findall(answer)))
         if not hp.keep_calculator_annotations:
             answer = CALCULATOR_ANNOTATION.sub("", answer)
         return {"question": str(record[question_key]).strip(), "answer": answer}
@@ -286,6 +310,59 @@ class MathDataModule(LightningDataModule):
                 self.datasets[split] = self._tokenize(rows[split], split)
         if stage == "fit" and self.truncated_examples and self.trainer is not None and self.trainer.logger:
             self.trainer.logger.log_metrics({TRUNCATED_KEY: self.truncated_examples}, step=0)
+        if stage == "fit" and self.hparams.audit and self.trainer is not None and self.trainer.is_global_zero:
+            report = self.write_data_report(self.trainer.log_dir or self.trainer.default_root_dir)
+            rank_zero_info(f"phi2tutor | data report: {report}")
+
+    def audit_splits(self) -> dict:
+        """Every split as fit sees it, with token lengths, for phi2tutor.data_audit."""
+        from phi2tutor.data_audit import SplitRows
+
+        hp = self.hparams
+        rows = self.load_rows()
+        origins = {"synthetic": "bundled generator"}
+        splits = {}
+        for split in SPLITS:
+            if split == "test" and rows["test"] is rows["val"]:
+                continue  # no separate test source: the validation rows stand in, audited once
+            prompts = [format_prompt(hp.prompt_template, r["question"]) for r in rows[split]]
+            answers = [" " + r["answer"] for r in rows[split]]
+            prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+            answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
+            splits[split] = SplitRows(
+                questions=[r["question"] for r in rows[split]],
+                answers=[r["answer"] for r in rows[split]],
+                prompt_tokens=[len(ids) for ids in prompt_ids],
+                answer_tokens=[len(ids) + 1 for ids in answer_ids],  # + EOS, learned like the answer
+                origin=self._origin(split) if hp.source != "synthetic" else origins["synthetic"],
+                skipped=self.skipped.get(split, {}),
+                annotations=self.annotations.get(split),
+            )
+        return splits
+
+    def _origin(self, split: str) -> str:
+        hp = self.hparams
+        if hp.source == "files":
+            path = {"train": hp.train_path, "val": hp.val_path, "test": hp.test_path}[split]
+            return str(path) if path else f"{hp.train_path} (val_fraction {hp.val_fraction})"
+        hub_split = hp.hub_test_split if split == "test" else hp.hub_train_split
+        held_out = f" (val_fraction {hp.val_fraction})" if split in ("train", "val") else ""
+        return f"{hp.hub_dataset}[{hub_split}]{held_out}"
+
+    def write_data_report(self, output_dir: str | Path, language: str = "en") -> Path:
+        """Write data_report.md/.json and the length histogram into output_dir; returns the .md path."""
+        from phi2tutor.data_audit import DATA_REPORT_MD, write_data_report
+
+        if self.tokenizer is None:
+            self.setup("predict")  # loads the tokenizer only
+        write_data_report(
+            self.audit_splits(),
+            self.hparams.max_length,
+            output_dir,
+            language=language,
+            annotations_kept=self.hparams.keep_calculator_annotations,
+        )
+        return Path(output_dir) / DATA_REPORT_MD
 
     def _tokenize(self, rows: list[dict[str, str]], split: str) -> TokenizedDataset:
         hp = self.hparams
