@@ -89,6 +89,7 @@ def build_cli_class():
 def run_lightning_cli(args: list[str] | None) -> None:
     from lightning.pytorch.callbacks import LearningRateMonitor
 
+    from callbacks.dashboard import TensorBoardDashboard
     from callbacks.predictions import PredictionWriter
     from phi2tutor.data import MathDataModule
     from phi2tutor.model import TutorModule
@@ -103,8 +104,13 @@ def run_lightning_cli(args: list[str] | None) -> None:
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
             },
-            # Always on: the lr curve is part of every report, predict always writes its file.
-            "callbacks": [LearningRateMonitor(logging_interval="step"), PredictionWriter()],
+            # Always on: the lr curve is part of every report, predict always writes its file, TensorBoard
+            # shows phi2tutor's dashboard.
+            "callbacks": [
+                LearningRateMonitor(logging_interval="step"),
+                PredictionWriter(),
+                TensorBoardDashboard(),
+            ],
         },
         parser_kwargs={"description": DESCRIPTION},
         save_config_callback=cli_class.save_fit_config_class,
