@@ -172,6 +172,9 @@ class TutorModule(LightningModule):
             target_modules=self.lora_target_modules,
             modules_to_save=hp.modules_to_save,
         )
+        # from_pretrained returns the model in eval mode and Lightning (2.2+) keeps submodules' modes: in
+        # eval mode transformers skips gradient checkpointing and every dropout is off.
+        self.model.train()
         self._print_summary()
 
     def _print_summary(self) -> None:
