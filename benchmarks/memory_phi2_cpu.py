@@ -59,7 +59,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import ConcatDataset, DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_phi2 import (  # noqa: E402
@@ -86,6 +86,7 @@ REDUCED_SHAPE: dict[str, Any] = {
     "num_key_value_heads": 4,
     "vocab_size": 4096,
 }
+WARMUP_LENGTH = 16  # tokens of the first, unmeasured step
 PHASE_FORWARD = "forward"
 PHASE_LOSS_FORWARD = "loss forward"
 PHASE_LOSS_BACKWARD = "loss backward"
@@ -124,7 +125,11 @@ def _fp32_under_autocast(function):
         ):
 
             def up(value):
-                return value.float() if isinstance(value, torch.Tensor) and value.dtype == torch.float16 else value
+                return (
+                    value.float()
+                    if isinstance(value, torch.Tensor) and value.dtype == torch.float16
+                    else value
+                )
 
             with torch.autocast("cpu", enabled=False):
                 return function(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
@@ -150,6 +155,33 @@ class CudaAutocastRule:
             setattr(owner, name, function)
 
 
+_MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+}
+
+
+class FastFp16MatmulTracker(LiveTensorBytes):
+    """LiveTensorBytes whose fp16 matrix products run in fp32 and are rounded back: the CPU has no fast
+    fp16 GEMM (a 512 x 2560 x 10240 product takes 4.8 s in fp16 against 1.0 s in fp32 on one core).
+    The fp32 temporaries are not counted (a CUDA fp16 GEMM accumulates in fp32 without them); the fp16
+    result is, as the fp16 product's would be."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MATMULS and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.float16 and a.device.type == "cpu" for a in args
+        ):
+            # Inside its own handler the mode is off: these ops are not counted.
+            up = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+            out = func(*up, **kwargs).to(torch.float16)
+            self._track(out, str(func.overloadpacket.__name__))
+            return out
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 # --------------------------------------------------------------------------- the probe
 @dataclass
 class StepMeasurement:
@@ -168,7 +200,8 @@ class StepMeasurement:
     seconds: float = math.nan
     tokens: int = 0
     loss: float = math.nan
-    details: dict[str, dict[str, int]] = field(default_factory=dict)
+    # phase -> ((phase that created it, op or kind) -> bytes) at that phase's peak, the largest first
+    details: dict[str, list[tuple[tuple[str, str], int]]] = field(default_factory=dict)
 
 
 def frozen_model_tensors(model: torch.nn.Module):
@@ -204,8 +237,9 @@ def category(created_in: str, kind: str, phase: str) -> str:
 class StepMemoryProbe(Callback):
     """Counts live tensors through one training step (``measured_batch``), phase by phase."""
 
-    def __init__(self, measured_batch: int, cuda_autocast_rule: bool) -> None:
+    def __init__(self, measured_batch: int, cuda_autocast_rule: bool, fast_matmul: bool = True) -> None:
         self.measured_batch = measured_batch
+        self.fast_matmul = fast_matmul
         self.cuda_autocast_rule = cuda_autocast_rule
         self.tracker: LiveTensorBytes | None = None
         self.function_mode: CudaAutocastRule | None = None
@@ -266,12 +300,17 @@ class StepMemoryProbe(Callback):
         model = pl_module.model
         optimizer = trainer.optimizers[0]
         trainable = [p for p in model.parameters() if p.requires_grad]
+        frozen = list(frozen_model_tensors(model))
+        states = list(optimizer_state_tensors(optimizer))
         self._static = {
-            "weights": storage_bytes(frozen_model_tensors(model)),
+            "weights": storage_bytes(frozen),
             "trainable": storage_bytes(trainable),
-            "optimizer_states": storage_bytes(optimizer_state_tensors(optimizer)),
+            "optimizer_states": storage_bytes(states),
         }
-        self.tracker = LiveTensorBytes(baseline_bytes=sum(self._static.values()))
+        tracker_class = FastFp16MatmulTracker if self.fast_matmul else LiveTensorBytes
+        self.tracker = tracker_class(baseline=frozen + trainable + states)
+        if self.tracker.baseline_bytes != sum(self._static.values()):
+            raise RuntimeError("weights, trainable weights and optimizer states share storage")
         # Lightning zeroes gradients after the training step's forward: the previous step's are alive
         # until then. Count them as live tensors, freed when zero_grad drops them.
         self.tracker.adopt(
@@ -303,12 +342,15 @@ class StepMemoryProbe(Callback):
         self.tracker = None
         layers = len(pl_module.model.get_base_model().model.layers)
         phase_breakdown: dict[str, dict[str, int]] = {}
+        details: dict[str, list[tuple[tuple[str, str], int]]] = {}
         for phase, peak in tracker.peaks.items():
             groups: dict[str, int] = {}
             for (created_in, kind), nbytes in tracker.breakdown(peak.alive_ids).items():
                 name = category(created_in, kind, phase)
                 groups[name] = groups.get(name, 0) + nbytes
             phase_breakdown[phase] = groups
+            detail = tracker.breakdown(peak.alive_ids)
+            details[phase] = sorted(detail.items(), key=lambda item: -item[1])
         loss = trainer.callback_metrics.get("train/loss")
         self.result = StepMeasurement(
             layers=layers,
@@ -323,6 +365,7 @@ class StepMemoryProbe(Callback):
             seconds=seconds,
             tokens=int(batch["attention_mask"].sum()),
             loss=float(loss) if loss is not None else math.nan,
+            details=details,
         )
 
 
@@ -347,7 +390,13 @@ def measure(
         **model_settings,
     )
     steps = 2
-    batches = RandomAnswerBatches(steps, max_length, shape["vocab_size"], answer_positions, seed)
+    # The first step only has to create the optimizer states, whose size does not depend on the length.
+    batches = ConcatDataset(
+        [
+            RandomAnswerBatches(1, WARMUP_LENGTH, shape["vocab_size"], WARMUP_LENGTH // 2, seed),
+            RandomAnswerBatches(1, max_length, shape["vocab_size"], answer_positions, seed),
+        ]
+    )
     probe = StepMemoryProbe(measured_batch=steps - 1, cuda_autocast_rule=cuda_autocast_rule)
     precision = str(trainer_config.get("precision", "32-true"))
     if precision == "16-mixed":
@@ -547,6 +596,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cpu_autocast", action="store_true", help="the CPU's autocast rule instead of CUDA's (see above)"
     )
+    parser.add_argument("--details", type=int, default=0, help="print the N largest live groups per phase")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: best on a busy CPU)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -592,6 +642,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             estimate = planner_estimate(shape, model_settings, precision, max_length, loss_fraction)
             table, _ = comparison_table(estimate, measurement)
             print(table)
+            if args.details:
+                for phase, rows in measurement.details.items():
+                    print(f"  live tensors at the peak of '{phase}' (created in, by op):")
+                    for (created_in, op), nbytes in rows[: args.details]:
+                        print(f"    {created_in:<30} {op:<40} {nbytes / MB:>9.2f} MB")
             print(
                 f"{layers} layers: measured step {measurement.seconds:.1f} s ({measurement.tokens / measurement.seconds:.1f} "
                 f"tokens/s, tracking included), run {time.perf_counter() - started:.0f} s, loss {measurement.loss:.3f}",

@@ -47,16 +47,19 @@ class PhasePeak:
 class LiveTensorBytes(TorchDispatchMode):
     """Counts the bytes of storages created by ops while active; ``phase`` labels what runs now.
 
-    ``baseline_bytes`` are tensors that existed before (weights, optimizer states): they are added to
-    every total so that peaks are comparable with torch.cuda.max_memory_allocated. Storages are told
+    ``baseline`` are tensors that existed before (weights, optimizer states): their bytes are added to
+    every total so that peaks are comparable with torch.cuda.max_memory_allocated, and views of them
+    are not counted again. Storages are told
     apart by their data pointer while alive and forgotten through a weak reference when freed.
     :meth:`mark` names storages after the fact (gradients, say); :meth:`breakdown` sums what was alive
     at a phase's peak by (phase that created it, kind).
     """
 
-    def __init__(self, baseline_bytes: int = 0) -> None:
+    def __init__(self, baseline: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
-        self.baseline_bytes = baseline_bytes
+        baseline_storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in baseline}
+        self.baseline_bytes = sum(baseline_storages.values())
+        self._baseline_pointers = set(baseline_storages)
         self.phase = "start"
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -117,7 +120,7 @@ class LiveTensorBytes(TorchDispatchMode):
         storage = tensor.untyped_storage()
         pointer = storage.data_ptr()
         nbytes = storage.nbytes()
-        if pointer == 0 or nbytes == 0:
+        if pointer == 0 or nbytes == 0 or pointer in self._baseline_pointers:
             return
         record_id = self._live_ids.get(pointer)
         if record_id is not None:
