@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,13 +69,16 @@ def parse_fit_config(fit_args: Sequence[str]) -> tuple[Any, Any, dict[str, Any]]
             self.datamodule = self._get(self.config_init, "data")
             self.model = self._get(self.config_init, "model")
 
-    cli = PlanCLI(
-        TutorModule,
-        MathDataModule,
-        args=list(fit_args),
-        run=False,
-        parser_kwargs={"description": DESCRIPTION},
-    )
+    with warnings.catch_warnings():
+        # "not recommended to provide both args and command line arguments": sys.argv holds `plan`'s own.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = PlanCLI(
+            TutorModule,
+            MathDataModule,
+            args=list(fit_args),
+            run=False,
+            parser_kwargs={"description": DESCRIPTION},
+        )
     trainer = cli.config_init.get("trainer")
     return cli.model, cli.datamodule, dict(trainer) if trainer is not None else {}
 
