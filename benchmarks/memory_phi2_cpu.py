@@ -20,7 +20,9 @@ CPU against CUDA (the planner models CUDA):
     keeps them in fp16. The script applies CUDA's rule on the CPU (a TorchFunctionMode that upcasts those
     ops' inputs while autocast is on), so layer-norm outputs, bitsandbytes Linear4bit outputs (cast back
     to the input dtype, fp32 after a CUDA-autocast layer norm) and the residual stream have CUDA's widths.
-    --cpu_autocast measures the CPU's own rule instead.
+    --cpu_rules measures the CPU's own rules instead.
+  - dropout: the CPU's native_dropout keeps its mask in the input's dtype (fp32 here), CUDA's a bool
+    mask: the script drops out with a bool mask, as CUDA does (--cpu_rules: the CPU's).
   - bitsandbytes: on the CPU dequantize_4bit and the 4-bit matmul run bitsandbytes' CPU kernels; the
     dequantized fp16 weight they build is the same size as CUDA's. The paged optimizer cannot page on the
     CPU: its states are counted as allocated here, the planner puts them in unified memory.
@@ -138,16 +140,30 @@ def _fp32_under_autocast(function):
     return wrapper
 
 
-class CudaAutocastRule:
-    """While CPU autocast is on, run the ops CUDA's autocast keeps in fp32 (its fp32 list) in fp32.
+def _dropout_with_bool_mask(function):
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p <= 0 or p >= 1 or inplace or input.device.type != "cpu":
+            return function(input, p, training, inplace)
+        # CUDA's native_dropout keeps a 1-byte mask; the CPU's keeps one in the input's dtype.
+        mask = torch.empty(input.shape, dtype=torch.bool, device=input.device).bernoulli_(1 - p)
+        return input * mask * (1.0 / (1 - p))
+
+    return dropout
+
+
+class CudaRules:
+    """CUDA's behaviour where the CPU's differs in what a step keeps: while CPU autocast is on, the ops
+    of CUDA's autocast fp32 list run in fp32; dropout keeps a bool mask as CUDA's does.
 
     The functions are replaced for the duration (a TorchFunctionMode would be switched off inside
     ``backward``, where checkpointed layers are recomputed)."""
 
-    def __enter__(self) -> CudaAutocastRule:
+    def __enter__(self) -> CudaRules:
         self._saved = [(owner, name, getattr(owner, name)) for owner, name in _FP32_UNDER_CUDA_AUTOCAST]
-        for owner, name, function in self._saved:
+        self._saved.append((F, "dropout", F.dropout))
+        for owner, name, function in self._saved[:-1]:
             setattr(owner, name, _fp32_under_autocast(function))
+        F.dropout = _dropout_with_bool_mask(F.dropout)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -237,17 +253,16 @@ def category(created_in: str, kind: str, phase: str) -> str:
 class StepMemoryProbe(Callback):
     """Counts live tensors through one training step (``measured_batch``), phase by phase."""
 
-    def __init__(self, measured_batch: int, cuda_autocast_rule: bool, fast_matmul: bool = True) -> None:
+    def __init__(self, measured_batch: int, cuda_rules: bool, fast_matmul: bool = True) -> None:
         self.measured_batch = measured_batch
         self.fast_matmul = fast_matmul
-        self.cuda_autocast_rule = cuda_autocast_rule
+        self.cuda_rules = cuda_rules
         self.tracker: LiveTensorBytes | None = None
-        self.function_mode: CudaAutocastRule | None = None
         self.result: StepMeasurement | None = None
         self._handles: list[Any] = []
         self._static: dict[str, int] = {}
         self._started = 0.0
-        self._always_rule: CudaAutocastRule | None = None
+        self._always_rule: CudaRules | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: TutorModule) -> None:
         base = pl_module.model.get_base_model()
@@ -257,9 +272,9 @@ class StepMemoryProbe(Callback):
             self._handles.append(layer.register_forward_pre_hook(pre_hook))
             self._handles.append(layer.register_forward_hook(hook))
         self._handles.append(base.model.final_layernorm.register_forward_pre_hook(self._loss_forward_hook))
-        if self.cuda_autocast_rule:
+        if self.cuda_rules:
             # Every step, not only the measured one, so the first step's states match CUDA's too.
-            self._always_rule = CudaAutocastRule()
+            self._always_rule = CudaRules()
             self._always_rule.__enter__()
 
     def on_train_end(self, trainer: Trainer, pl_module: TutorModule) -> None:
@@ -376,7 +391,7 @@ def measure(
     trainer_config: dict[str, Any],
     max_length: int,
     answer_positions: int,
-    cuda_autocast_rule: bool,
+    cuda_rules: bool,
     seed: int,
     work_dir: Path,
 ) -> StepMeasurement:
@@ -397,7 +412,7 @@ def measure(
             RandomAnswerBatches(1, max_length, shape["vocab_size"], answer_positions, seed),
         ]
     )
-    probe = StepMemoryProbe(measured_batch=steps - 1, cuda_autocast_rule=cuda_autocast_rule)
+    probe = StepMemoryProbe(measured_batch=steps - 1, cuda_rules=cuda_rules)
     precision = str(trainer_config.get("precision", "32-true"))
     if precision == "16-mixed":
         # Lightning maps 16-mixed on the CPU to bf16-mixed; the plugin keeps fp16 autocast and the scaler.
@@ -457,10 +472,11 @@ PLANNER_GROUPS = {
     "accumulated_gradients": "gradients",
     "last_layer_gradients": "gradients",
     "all_gradients": "gradients",
+    "gradients_before_first_layer": "gradients",
     "kept_activations": f"created in {PHASE_FORWARD}",
     "kept_for_first_layer": f"created in {PHASE_FORWARD}",
     "forward_only": f"created in {PHASE_FORWARD}",
-    "final_norm_kept": f"created in {PHASE_LOSS_FORWARD}",
+    "final_norm_kept": f"created in {PHASE_FORWARD}",  # its input: the last layer's output
     "head_forward": f"created in {PHASE_LOSS_FORWARD}",
     "logits": f"created in {PHASE_LOSS_FORWARD}",
     "log_softmax_saved": f"created in {PHASE_LOSS_FORWARD}",
@@ -594,7 +610,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--reduced", action="store_true", help="hidden 320, vocab 4096: seconds (smoke test)")
     parser.add_argument(
-        "--cpu_autocast", action="store_true", help="the CPU's autocast rule instead of CUDA's (see above)"
+        "--cpu_rules",
+        action="store_true",
+        help="the CPU's autocast and dropout instead of CUDA's (see above)",
     )
     parser.add_argument("--details", type=int, default=0, help="print the N largest live groups per phase")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: best on a busy CPU)")
@@ -620,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{width['num_attention_heads']} heads, vocab {width['vocab_size']} | {model_settings.get('quantization')} "
         f"base, compute {model_settings.get('compute_dtype')}, LoRA r {model_settings.get('lora_r')}, "
         f"{model_settings.get('optimizer')}, checkpointing {model_settings.get('gradient_checkpointing')} | "
-        f"precision {precision} ({'CPU' if args.cpu_autocast else 'CUDA'} autocast rule) | micro-batch 1 x "
+        f"precision {precision} ({'CPU' if args.cpu_rules else 'CUDA'} autocast and dropout) | micro-batch 1 x "
         f"{max_length} tokens, labels on the last {answer_positions} | threads {args.threads}",
         flush=True,
     )
@@ -635,7 +653,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 config["trainer"],
                 max_length,
                 answer_positions,
-                not args.cpu_autocast,
+                not args.cpu_rules,
                 args.seed,
                 Path(work_dir),
             )

@@ -712,6 +712,12 @@ def all_gradients(step: _Step) -> Terms:
     return _gradients(step, step.trainable_numel * step.trainable_bytes, "")
 
 
+def gradients_before_first_layer(step: _Step) -> Terms:
+    # The first layer's own LoRA gradients are written at the end of its backward, after its peak.
+    own = step.lora_numel // step.layers
+    return _gradients(step, (step.trainable_numel - own) * step.trainable_bytes, "")
+
+
 def _rotary_and_mask(step: _Step) -> Terms:
     seq = step.max_length
     return [
@@ -756,12 +762,11 @@ def kept_for_first_layer(step: _Step) -> Terms:
 
 
 def forward_only(step: _Step) -> Terms:
-    """Alive during the forward only: autocast's weight cache (checkpointing) or the attention mask."""
+    """Alive during the forward only. Lightning's autocast runs with cache_enabled=False, so the fp16
+    casts of the LoRA weights are saved by each layer's graph (recomputed under checkpointing), never
+    cached for the whole forward. Without checkpointing the attention mask is freed after the forward."""
     if step.gradient_checkpointing:
-        return [
-            (f"{name} (all layers, autocast cache)", nbytes * step.layers)
-            for name, nbytes in step.constants[:1]
-        ]
+        return []
     return _rotary_and_mask(step)[1:]
 
 
@@ -818,15 +823,13 @@ def final_norm_kept(step: _Step) -> Terms:
 
 
 def head_forward(step: _Step) -> Terms:
-    # TutorModule.target_token_loss holds last_hidden_state while it gathers the answer positions and
-    # casts them for lm_head.
-    h, ln_out, logits = step.shape.hidden_size, step.final_norm_out_bytes, step.logits_bytes
+    # TutorModule.target_token_loss holds last_hidden_state through the loss; the answer positions it
+    # gathers (and their fp16 cast for lm_head) are freed once lm_head has run, before the log-softmax.
     return [
-        ("final layernorm output (last_hidden_state)", step.tokens * h * ln_out),
         (
-            "hidden states at answer positions (and their copy for lm_head)",
-            step.loss_tokens * h * (ln_out + (logits if logits != ln_out else 0)),
-        ),
+            "final layernorm output (last_hidden_state)",
+            step.tokens * step.shape.hidden_size * step.final_norm_out_bytes,
+        )
     ]
 
 
@@ -893,7 +896,7 @@ PHASES: dict[str, tuple[TermFunction, ...]] = {
     ),
     "backward of the first decoder layer": (
         *PERSISTENT,
-        all_gradients,
+        gradients_before_first_layer,
         kept_for_first_layer,
         recompute_first_layer,
         layer_backward_work,
