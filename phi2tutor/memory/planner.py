@@ -721,7 +721,8 @@ def gradients_before_first_layer(step: _Step) -> Terms:
 def _rotary_and_mask(step: _Step) -> Terms:
     seq = step.max_length
     return [
-        ("rotary cos/sin", 2 * seq * step.shape.rotary_dim * step.x_bytes[0]),  # position_ids of one row
+        # of one row of position ids (int64), which the layers' checkpoints hold too
+        ("rotary cos/sin and position ids", 2 * seq * step.shape.rotary_dim * step.x_bytes[0] + seq * 8),
         ("attention mask", _attention_mask_bytes(step.flow, step.micro_batch, seq)),
     ]
 
