@@ -43,6 +43,7 @@ planner's 32-layer estimate. Last line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import math
@@ -50,6 +51,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ from memory_phi2 import (  # noqa: E402
     write_random_checkpoint,
 )
 
+from phi2tutor import offload as phi2tutor_offload  # noqa: E402
 from phi2tutor.loading import bundled_tokenizer_dir  # noqa: E402
 from phi2tutor.memory import MB, MemoryEstimate  # noqa: E402
 from phi2tutor.memory.tracker import LiveTensorBytes, storage_bytes  # noqa: E402
@@ -198,6 +201,23 @@ class FastFp16MatmulTracker(LiveTensorBytes):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
+@contextlib.contextmanager
+def host_offload_as_on_cuda(probe: StepMemoryProbe, device: torch.device) -> Iterator[None]:
+    """phi2tutor.offload.saved_tensors_on_host as it behaves on CUDA, on the CPU: each saved tensor's
+    copy stands for the pinned host copy (not counted), and the backward's copy back is counted."""
+    tracker = probe.tracker
+    if tracker is None:
+        yield
+        return
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        with tracker.paused():
+            return tensor.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda host: host.clone()):
+        yield
+
+
 # --------------------------------------------------------------------------- the probe
 @dataclass
 class StepMeasurement:
@@ -260,11 +280,15 @@ class StepMemoryProbe(Callback):
         self.tracker: LiveTensorBytes | None = None
         self.result: StepMeasurement | None = None
         self._handles: list[Any] = []
+        self._saved_offload = None
         self._static: dict[str, int] = {}
         self._started = 0.0
         self._always_rule: CudaRules | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: TutorModule) -> None:
+        if pl_module.hparams.get("offload_checkpoints"):
+            self._saved_offload = phi2tutor_offload.saved_tensors_on_host
+            phi2tutor_offload.saved_tensors_on_host = lambda device: host_offload_as_on_cuda(self, device)
         base = pl_module.model.get_base_model()
         layers = base.model.layers
         for index, layer in enumerate(layers):
@@ -278,6 +302,8 @@ class StepMemoryProbe(Callback):
             self._always_rule.__enter__()
 
     def on_train_end(self, trainer: Trainer, pl_module: TutorModule) -> None:
+        if self._saved_offload is not None:
+            phi2tutor_offload.saved_tensors_on_host = self._saved_offload
         for handle in self._handles:
             handle.remove()
         if self._always_rule is not None:

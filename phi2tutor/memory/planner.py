@@ -658,7 +658,10 @@ class _Step:
 # --------------------------------------------------------------------------- terms
 # Each function is one group of terms; PHASES below says which groups are alive at each candidate peak.
 def frozen_weights(step: _Step) -> Terms:
-    return base_weight_breakdown(step.shape, step.quantization, step.compute_dtype)
+    terms = base_weight_breakdown(step.shape, step.quantization, step.compute_dtype)
+    if step.embeddings_on_cpu:  # the table stays in CPU memory; its looked-up rows are the layer-0 input
+        terms = [(name, nbytes) for name, nbytes in terms if not name.startswith("embed_tokens")]
+    return terms
 
 
 def trainable_weights(step: _Step) -> Terms:
@@ -728,6 +731,8 @@ def _rotary_and_mask(step: _Step) -> Terms:
 
 
 def _checkpoint_input_bytes(step: _Step, layers: range) -> int:
+    if step.offload_checkpoints:
+        return 0  # in CPU memory until the layer's backward brings its input back
     h = step.shape.hidden_size
     return sum(step.tokens * h * step.x_bytes[index] for index in layers)
 
@@ -778,6 +783,12 @@ def _recompute(step: _Step, index: int) -> Terms:
     if (4 if step.autocast else step.x_bytes[index]) == step.x_bytes[index]:
         # the layer norm saves the checkpointed input itself, already counted
         terms = [(k, nb) for k, nb in terms if "input_layernorm input" not in k]
+    if step.offload_checkpoints:
+        h = step.shape.hidden_size
+        terms.insert(
+            0,
+            ("checkpointed input of this layer, back from CPU memory", step.tokens * h * step.x_bytes[index]),
+        )
     return terms + [(f"recomputed layer: {name}", nbytes) for name, nbytes in step.constants]
 
 
@@ -813,7 +824,9 @@ def layer_backward_work(step: _Step) -> Terms:
 
 def final_norm_kept(step: _Step) -> Terms:
     h, tokens = step.shape.hidden_size, step.tokens
-    terms = [("final layernorm input and mean/rstd", tokens * h * step.final_norm_out_bytes + tokens * 8)]
+    # its input is the last layer's output, saved inside the decoder (in CPU memory with offloading)
+    norm_input = 0 if step.offload_checkpoints else tokens * h * step.final_norm_out_bytes
+    terms = [("final layernorm input and mean/rstd", norm_input + tokens * 8)]
     if step.flow.lm_head_trainable:
         terms.append(
             ("lm_head input saved for its weight gradient", step.loss_tokens * h * step.logits_bytes)
@@ -971,6 +984,8 @@ def estimate_memory(
     micro_batch: int = 1,
     max_length: int = 512,
     gradient_checkpointing: bool = True,
+    embeddings_on_cpu: bool = False,
+    offload_checkpoints: bool = False,
     accumulate_grad_batches: int = 1,
     attention: str = FP32_SCORES_ATTENTION,
     loss_token_fraction: float = 1.0,
@@ -1014,6 +1029,8 @@ def estimate_memory(
         "micro_batch": micro_batch,
         "max_length": max_length,
         "gradient_checkpointing": gradient_checkpointing,
+        "embeddings_on_cpu": embeddings_on_cpu,
+        "offload_checkpoints": offload_checkpoints and gradient_checkpointing,
         "accumulate_grad_batches": accumulate_grad_batches,
         "attention": attention,
         "loss_token_fraction": loss_token_fraction,
@@ -1042,6 +1059,12 @@ def estimate_memory(
     )
     outside.append(("CUDA context (driver, cuBLAS)", int(cuda_context_mb * MB)))
     notes = []
+    if embeddings_on_cpu:
+        notes.append(
+            f"embeddings_on_cpu: the {shape.vocab_size * shape.hidden_size * DTYPE_BYTES[compute_dtype] / MB:.0f} MB embedding table is in CPU memory."
+        )
+    if settings["offload_checkpoints"]:
+        notes.append("offload_checkpoints: the checkpointed layer inputs wait in pinned CPU memory.")
     if attention == "sdpa":
         notes.append("sdpa assumes the memory-efficient kernel (no seq x seq scores kept).")
     if quantization == "int8":
@@ -1176,6 +1199,8 @@ def plan_from_config_dict(
             micro_batch=int(data.get("batch_size", 4)),  # MathDataModule's default
             max_length=int(data.get("max_length", 512)),
             gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
+            embeddings_on_cpu=bool(model.get("embeddings_on_cpu", False)),
+            offload_checkpoints=bool(model.get("offload_checkpoints", False)),
             accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1),
             attention=attention,
             loss_token_fraction=loss_token_fraction,

@@ -8,9 +8,10 @@ Used by benchmarks/memory_phi2_cpu.py and by the planner's tests; imports torch,
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self._live_ids: dict[int, int] = {}  # data pointer -> record id of a live storage
         self._marked: dict[int, str] = {}  # record id -> kind given by mark()
         self._refs: dict[int, weakref.ref] = {}
+        self._paused = False
 
     # ------------------------------------------------------------------ phases
     def set_phase(self, phase: str) -> None:
@@ -108,9 +110,20 @@ class LiveTensorBytes(TorchDispatchMode):
             result[(record.phase, self._marked.get(record_id, record.op))] += record.nbytes
         return dict(result)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Storages created inside are not counted (e.g. copies that stand for host memory)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     # ------------------------------------------------------------------ counting
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor) and value.device.type != "meta":
                 self._track(value, str(func.overloadpacket.__name__))
