@@ -513,6 +513,7 @@ PLANNER_GROUPS = {
     "recompute_first_layer": CREATED_IN_THIS_LAYER,
     "layer_backward_work": CREATED_IN_THIS_LAYER,
     "optimizer_temporaries": f"created in {PHASE_OPTIMIZER}",
+    "embedding_output_and_gradient": f"created in {PHASE_FORWARD}",
 }
 GROUP_ORDER = [
     "frozen weights",

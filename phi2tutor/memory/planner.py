@@ -731,8 +731,10 @@ def _rotary_and_mask(step: _Step) -> Terms:
 
 
 def _checkpoint_input_bytes(step: _Step, layers: range) -> int:
+    # With offloading the inputs wait in CPU memory, except layer 0's: the embedding output is a leaf that
+    # requires grad (enable_input_require_grads), which autograd holds on the device until the step ends.
     if step.offload_checkpoints:
-        return 0  # in CPU memory until the layer's backward brings its input back
+        layers = range(min(1, len(layers)))
     h = step.shape.hidden_size
     return sum(step.tokens * h * step.x_bytes[index] for index in layers)
 
@@ -783,7 +785,7 @@ def _recompute(step: _Step, index: int) -> Terms:
     if (4 if step.autocast else step.x_bytes[index]) == step.x_bytes[index]:
         # the layer norm saves the checkpointed input itself, already counted
         terms = [(k, nb) for k, nb in terms if "input_layernorm input" not in k]
-    if step.offload_checkpoints:
+    if step.offload_checkpoints and index > 0:
         h = step.shape.hidden_size
         terms.insert(
             0,
@@ -872,6 +874,15 @@ def loss_gradients(step: _Step) -> Terms:
     ]
 
 
+def embedding_output_and_gradient(step: _Step) -> Terms:
+    """Under checkpointing with frozen embeddings the embedding output is a leaf that requires grad: it and
+    the gradient autograd accumulates into it stay until the step's graph is released."""
+    if not step.gradient_checkpointing or step.flow.embed_trainable:
+        return []
+    nbytes = step.tokens * step.shape.hidden_size * step.x_bytes[0]
+    return [("embedding output (a grad-requiring leaf) and its gradient", 2 * nbytes)]
+
+
 def optimizer_temporaries(step: _Step) -> Terms:
     if step.optimizer != "adamw":
         return []
@@ -915,7 +926,7 @@ PHASES: dict[str, tuple[TermFunction, ...]] = {
         recompute_first_layer,
         layer_backward_work,
     ),
-    "optimizer step": (*PERSISTENT, all_gradients, optimizer_temporaries),
+    "optimizer step": (*PERSISTENT, all_gradients, embedding_output_and_gradient, optimizer_temporaries),
 }
 
 
