@@ -483,7 +483,9 @@ def test_estimate_is_close_to_measured_peak_on_gpu(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- term functions vs tracked bytes
-def test_kept_activation_terms_equal_the_tracked_live_bytes_after_a_checkpointed_forward(tmp_path: Path) -> None:
+def test_kept_activation_terms_equal_the_tracked_live_bytes_after_a_checkpointed_forward(
+    tmp_path: Path,
+) -> None:
     """After the decoder's forward with gradient checkpointing, what stays alive (counted by the live-tensor
     tracker) is exactly the planner's kept activations, final-norm and last-hidden-state terms."""
     from phi2tutor.memory.tracker import LiveTensorBytes
@@ -499,9 +501,11 @@ def test_kept_activation_terms_equal_the_tracked_live_bytes_after_a_checkpointed
     weights = [*model.parameters(), *model.buffers()]
     tracker = LiveTensorBytes(baseline=weights)
     with tracker:
-        hidden = model.get_base_model().model(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False
-        ).last_hidden_state
+        hidden = (
+            model.get_base_model()
+            .model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+            .last_hidden_state
+        )
     live = tracker.live_bytes
     estimate = estimate_memory(
         shape,
@@ -517,7 +521,9 @@ def test_kept_activation_terms_equal_the_tracked_live_bytes_after_a_checkpointed
         attention="eager",
     )
     groups = dict(estimate.phase_groups["loss forward"])
-    planned = sum(nb for name in ("kept_activations", "final_norm_kept", "head_forward") for _, nb in groups[name])
+    planned = sum(
+        nb for name in ("kept_activations", "final_norm_kept", "head_forward") for _, nb in groups[name]
+    )
     assert hidden.requires_grad
     assert live == planned
     # the term functions' parts: one checkpointed input per layer, fp32 (no autocast)
