@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from phi2tutor.errors import Phi2TutorError, first_line
 from phi2tutor.keys import MEMORY_JSON, MEMORY_PREFIX
-from phi2tutor.memory import MB, MemoryEstimate, format_breakdown_table, plan_from_hparams
+from phi2tutor.memory import MB, MemoryEstimate, format_breakdown_table
 
 SNAPSHOT_FILE = "memory_snapshot.pickle"
 SNAPSHOT_MAX_ENTRIES = 100_000
@@ -318,25 +318,10 @@ class GPUMemoryProfiler(Callback):
         torch.cuda.memory._record_memory_history(enabled=None)
 
     def _planner_estimate(self, trainer: Trainer, pl_module: LightningModule) -> MemoryEstimate | None:
-        """The module's ``memory_estimate``, else one planned from its and the datamodule's hparams."""
+        """The module's ``memory_estimate``: TutorModule plans its configuration once when it is configured
+        (one plan, printed there and here); other modules have none."""
         estimate = getattr(pl_module, "memory_estimate", None)
-        if isinstance(estimate, MemoryEstimate):
-            return estimate
-        datamodule = getattr(trainer, "datamodule", None)
-        data_hparams = getattr(datamodule, "hparams", None) or {}
-        # Without TutorModule's fields and the batch shape there is nothing sound to plan.
-        if not _looks_like_tutor(pl_module) or "batch_size" not in data_hparams:
-            return None
-        try:
-            return plan_from_hparams(
-                pl_module.hparams,
-                data_hparams,
-                str(trainer.precision),
-                trainer.accumulate_grad_batches,
-            )
-        except Exception as error:  # the plan is a courtesy; never let it stop a run
-            rank_zero_warn(f"GPUMemoryProfiler: no memory estimate for this run ({error}).")
-            return None
+        return estimate if isinstance(estimate, MemoryEstimate) else None
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
@@ -345,11 +330,6 @@ class GPUMemoryProfiler(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.samples = list(state_dict.get("samples", []))
         self.budget_warned = bool(state_dict.get("budget_warned", False))
-
-
-def _looks_like_tutor(pl_module: LightningModule) -> bool:
-    hparams = getattr(pl_module, "hparams", {}) or {}
-    return "quantization" in hparams and ("model_config" in hparams or "model_name_or_path" in hparams)
 
 
 def _round(value: float | None) -> float | None:

@@ -194,8 +194,8 @@ def test_other_exceptions_pass_through_unchanged(tmp_path: Path) -> None:
 
 
 def test_running_tutor_configuration_is_planned_from_its_hparams() -> None:
-    """The fields the profiler reads when the module has no memory_estimate are TutorModule's and
-    MathDataModule's own (nothing is loaded by constructing them)."""
+    """The planner reads TutorModule's and MathDataModule's own fields (nothing is loaded by constructing
+    them); TutorModule plans with them when it is configured and the profiler shows that plan."""
     from phi2tutor.data import MathDataModule
     from phi2tutor.model import TutorModule
 
