@@ -18,6 +18,8 @@ ACCURACY_KEY = "val/answer_accuracy"
 INVALID_RATE_KEY = "val/answer_invalid_rate"
 EVAL_SECONDS_KEY = "val/answer_eval_seconds"
 SAMPLES_KEY = "val/answer_samples"
+CALCULATOR_CALLS_KEY = "val/calculator_calls"
+CALCULATOR_CHANGED_KEY = "val/calculator_changed"
 
 # PhaseDetection.
 PHASE_INDEX_KEY = "phase/index"
@@ -34,3 +36,5 @@ MEMORY_JSON = "memory.json"
 CONFIG_YAML = "config.yaml"
 TRAINER_STATE_JSON = "trainer_state.json"
 ADAPTER_DIR = "adapter"
+# Beside a saved adapter: TutorModule's settings that rebuild the tutor (calculator, ...).
+ADAPTER_RECORD_JSON = "phi2tutor_adapter.json"
