@@ -81,6 +81,14 @@ def build_cli_class():
                 compute_fn=_tokenizer_source,
             )
             parser.link_arguments("data.prompt_template", "model.prompt_template")
+            # A tutor trained on calculator annotations decodes with the calculator (model.calculator overrides).
+            from phi2tutor.calculator import annotated_data
+
+            parser.link_arguments(
+                ("data.keep_calculator_annotations", "data.source", "data.synthetic"),
+                "model.annotated_training_data",
+                compute_fn=annotated_data,
+            )
 
     TutorCLI.save_fit_config_class = SaveFitConfig
     return TutorCLI

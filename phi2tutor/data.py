@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from phi2tutor.calculator import annotated_data
 from phi2tutor.errors import Phi2TutorError, first_line
 from phi2tutor.grading import reference_answer
 from phi2tutor.keys import TRUNCATED_KEY
@@ -143,7 +144,9 @@ class MathDataModule(LightningDataModule):
             question_field: Name of the question field in each row.
             answer_field: Name of the answer field; its text must end with "#### N".
             prompt_template: Prompt with a ``{question}`` field (Phi-2: "Instruct: {question}\\nOutput:").
-            keep_calculator_annotations: Keep GSM8K's ``<<48/2=24>>`` annotations in the targets.
+            keep_calculator_annotations: Keep GSM8K's ``<<48/2=24>>`` annotations in the targets (for
+                ``source: synthetic`` the generator then writes them); a tutor trained on them decodes with
+                the calculator (TutorModule's ``calculator``).
             skip_invalid_rows: Skip rows without the answer or a final "#### N" (and prompts longer than
                 max_length), reporting how many, instead of stopping with an error.
             max_length: Longest tokenized example; longer answers are truncated and counted.
@@ -177,7 +180,9 @@ class MathDataModule(LightningDataModule):
             return self.rows
         hp = self.hparams
         if hp.source == "synthetic":
-            splits = generate_splits(self.synthetic)
+            splits = generate_splits(
+                replace(self.synthetic, calculator_annotations=self.calculator_annotations)
+            )
             rows = {}
             for split in SPLITS:
                 self._annotations_seen = []
@@ -277,12 +282,17 @@ class MathDataModule(LightningDataModule):
         return rows
 
     def _clean(self, record: dict, question_key: str, answer_key: str) -> dict[str, str]:
-        hp = self.hparams
         answer = str(record[answer_key]).strip()
         self._annotations_seen.append(len(CALCULATOR_ANNOTATION.findall(answer)))
-        if not hp.keep_calculator_annotations:
+        if not self.calculator_annotations:
             answer = CALCULATOR_ANNOTATION.sub("", answer)
         return {"question": str(record[question_key]).strip(), "answer": answer}
+
+    @property
+    def calculator_annotations(self) -> bool:
+        """Whether the targets carry ``<<expr=result>>`` annotations: keep_calculator_annotations, or the
+        bundled generator's calculator_annotations (either one turns them on for ``source: synthetic``)."""
+        return annotated_data(self.hparams.keep_calculator_annotations, self.hparams.source, self.synthetic)
 
     def _split_off_validation(self, rows: list[dict[str, str]]) -> tuple[list, list]:
         order = list(range(len(rows)))

@@ -18,6 +18,8 @@ ACCURACY_KEY = "val/answer_accuracy"
 INVALID_RATE_KEY = "val/answer_invalid_rate"
 EVAL_SECONDS_KEY = "val/answer_eval_seconds"
 SAMPLES_KEY = "val/answer_samples"
+CALCULATOR_CALLS_KEY = "val/calculator_calls"
+CALCULATOR_CHANGED_KEY = "val/calculator_changed"
 
 # PhaseDetection.
 PHASE_INDEX_KEY = "phase/index"

@@ -6,17 +6,18 @@ greedy generation for answer evaluation.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from phi2tutor.errors import Phi2TutorError
+from phi2tutor.errors import Phi2TutorError, first_line
 from phi2tutor.keys import (
     ADAPTER_DIR,
     GRAD_NORM_KEY,
@@ -24,9 +25,13 @@ from phi2tutor.keys import (
     LOSS_STEP_KEY,
     LR_KEY,
     TEST_LOSS_KEY,
+    TUTOR_SETTINGS_JSON,
     VAL_LOSS_KEY,
 )
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
+
+if TYPE_CHECKING:
+    from phi2tutor.calculator_decoding import CalculatorCounts
 
 PHI2_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 Quantization = Literal["none", "nf4", "nf4-double", "int8"]
@@ -73,6 +78,8 @@ class TutorModule(LightningModule):
         max_new_tokens: int = 256,
         adapter_output_dir: str | None = None,
         init_seed: int = 0,
+        calculator: bool | None = None,
+        annotated_training_data: bool = False,
     ) -> None:
         """LoRA-adapted Phi-2 for math tutoring.
 
@@ -119,6 +126,12 @@ class TutorModule(LightningModule):
             adapter_output_dir: Extra directory that receives the adapter and tokenizer when fit ends
                 (e.g. ``models/phi2-matematicas-tutor``); the run directory always gets one.
             init_seed: Seed of the random initialisation of a ``model_config`` model.
+            calculator: Decode with the calculator: after ``<<expr=`` the result and ``>>`` are forced
+                (GSM8K's annotations; phi2tutor.calculator). Default: on when the tutor was trained with
+                annotations, as recorded in ``adapter_path``'s phi2tutor_adapter.json, else as
+                ``annotated_training_data`` says.
+            annotated_training_data: The training data carries calculator annotations (the CLI links it to
+                data.keep_calculator_annotations and the generator's calculator_annotations).
         """
         super().__init__()
         if offload_checkpoints and not gradient_checkpointing:
@@ -137,6 +150,9 @@ class TutorModule(LightningModule):
         self.tokenizer = None
         self.attention_implementation: str | None = None
         self.memory_estimate = None  # set when a Trainer runs: the planner's estimate for this config
+        # What the calculator did in the latest generate() call (None: it was off).
+        self.last_calculator_counts: CalculatorCounts | None = None
+        self._equals_token_ids: frozenset[int] | None = None
         # Checkpoints hold only trainable weights: the frozen base is loaded from its source.
         self.strict_loading = False
 
@@ -369,17 +385,60 @@ class TutorModule(LightningModule):
         return directories
 
     def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """Save the LoRA adapter (safetensors) and the tokenizer with peft/transformers' own writers."""
+        """Save the LoRA adapter (safetensors) and the tokenizer with peft/transformers' own writers, and
+        phi2tutor_adapter.json: how this tutor decodes (the calculator) and what it was trained on."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
-        # What chat, serve and export need to rebuild this tutor from the directory alone.
+        # What chat, serve and export need to rebuild this tutor from the directory alone, with the
+        # calculator setting resolved (None means "as the data says": written down as what it decided).
         from phi2tutor.tutor import write_tutor_settings
 
-        write_tutor_settings(directory, dict(self.hparams))
+        settings = dict(self.hparams)
+        settings["calculator"] = self.calculator_enabled
+        settings["annotated_training_data"] = self.trained_with_annotations
+        write_tutor_settings(directory, settings)
         rank_zero_info(f"phi2tutor | adapter and tokenizer saved to {directory}")
         return directory
+
+    # ------------------------------------------------------------------ calculator
+    def adapter_record(self) -> dict[str, Any]:
+        """phi2tutor_adapter.json of ``adapter_path`` ({} without an adapter or without that file)."""
+        if not self.hparams.adapter_path:
+            return {}
+        path = Path(self.hparams.adapter_path) / TUTOR_SETTINGS_JSON
+        if not path.is_file():
+            return {}
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise Phi2TutorError(
+                f"{path} is not readable JSON ({first_line(error)}). It is written beside a saved adapter by "
+                "phi2tutor; fix or delete it, or set model.calculator explicitly."
+            ) from None
+        if not isinstance(record, dict):
+            return {}
+        # phi2tutor.tutor.write_tutor_settings keeps the settings under "tutor".
+        return record.get("tutor", record) if isinstance(record.get("tutor", record), dict) else {}
+
+    @property
+    def trained_with_annotations(self) -> bool:
+        """Whether this tutor's training data carried calculator annotations (this run's data, or the
+        loaded adapter's record)."""
+        record = self.adapter_record()
+        recorded = record.get("annotated_training_data", record.get("keep_calculator_annotations"))
+        return bool(self.hparams.annotated_training_data or recorded)
+
+    @property
+    def calculator_enabled(self) -> bool:
+        """model.calculator when set; else the loaded adapter's record; else whether the data is annotated."""
+        if self.hparams.calculator is not None:
+            return bool(self.hparams.calculator)
+        recorded = self.adapter_record().get("calculator")
+        if recorded is not None:
+            return bool(recorded)
+        return bool(self.hparams.annotated_training_data)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -388,17 +447,32 @@ class TutorModule(LightningModule):
         questions: list[str],
         max_new_tokens: int | None = None,
         batch_size: int = 16,
+        calculator: bool | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """Greedy answers to ``questions``: batched, left-padded, KV-cached, stopped at EOS.
 
+        With the calculator (``calculator``; default ``calculator_enabled``) every ``<<expr=`` a row writes
+        is completed by phi2tutor.calculator; what it did is in ``last_calculator_counts``.
         Returns only the new text of each answer, in the order of ``questions``. ``generate_kwargs`` go to
         transformers' ``generate`` (sampling, a streamer, stopping criteria: chat and serve use them);
         batches run in order of prompt length.
         """
         if self.model is None:
             self.configure_model()
+        from transformers import LogitsProcessorList
+
+        from phi2tutor.calculator_decoding import (
+            CalculatorCounts,
+            CalculatorLogitsProcessor,
+            equals_token_ids,
+        )
+
         max_new_tokens = max_new_tokens or self.hparams.max_new_tokens
+        use_calculator = self.calculator_enabled if calculator is None else calculator
+        counts = CalculatorCounts() if use_calculator else None
+        if use_calculator and self._equals_token_ids is None:
+            self._equals_token_ids = equals_token_ids(self.tokenizer)
         tokenizer = self.tokenizer
         prompts = [format_prompt(self.hparams.prompt_template, q) for q in questions]
         # Similar lengths in a batch waste less compute on padding.
@@ -413,6 +487,12 @@ class TutorModule(LightningModule):
                 indices = order[start : start + batch_size]
                 encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
                 encoded = {k: v.to(self.device) for k, v in encoded.items()}
+                processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+                if counts is not None:
+                    processor = CalculatorLogitsProcessor(
+                        tokenizer, encoded["input_ids"].shape[1], self._equals_token_ids
+                    )
+                    processors.append(processor)
                 options = {
                     "max_new_tokens": max_new_tokens,
                     "do_sample": False,
@@ -421,13 +501,16 @@ class TutorModule(LightningModule):
                     "pad_token_id": tokenizer.pad_token_id,
                     **generate_kwargs,
                 }
-                output = self.model.generate(**encoded, **options)
+                output = self.model.generate(**encoded, logits_processor=processors, **options)
                 new_tokens = output[:, encoded["input_ids"].shape[1] :]
                 for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     answers[i] = text.strip()
+                if counts is not None:
+                    counts.add(processor.counts)
         finally:
             tokenizer.padding_side = previous_side
             self.model.train(was_training)
+        self.last_calculator_counts = counts
         return answers
 
 
