@@ -32,16 +32,22 @@ class KillAfterCheckpoint(Callback):
     """Test-only: SIGKILLs its own process, as a crash or a reboot would, once a checkpoint is on disk.
 
     Args:
-        step: kill at the start of the first batch after this optimizer step's checkpoint.
+        step: kill at the start of the first batch after this optimizer step.
         epoch: kill at the start of this epoch (after the previous epoch's validation and checkpoint).
+        flush: flush the loggers first, as TensorBoard's writer does every two minutes: the event file
+            then holds steps after the last checkpoint, which the resumed run trains again.
     """
 
-    def __init__(self, step: int | None = None, epoch: int | None = None) -> None:
+    def __init__(self, step: int | None = None, epoch: int | None = None, flush: bool = False) -> None:
         self.step = step
         self.epoch = epoch
+        self.flush = flush
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.step is not None and trainer.global_step >= self.step:
+            if self.flush:
+                for logger in trainer.loggers:
+                    logger.save()
             os.kill(os.getpid(), signal.SIGKILL)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -137,11 +143,18 @@ def assert_same_training(resumed: Path, uninterrupted: Path) -> None:
 
 
 def test_mid_epoch_kill_resumed_with_last_matches_the_uninterrupted_run(tmp_path, uninterrupted) -> None:
-    config_path = killed_run(tmp_path, "mid", step=CHECKPOINT_EVERY_N_STEPS)
+    # Killed one optimizer step after the step-4 checkpoint (the first of epoch 2's 3 steps), with that
+    # step's events on disk.
+    checkpoint_step = 2 * CHECKPOINT_EVERY_N_STEPS
+    config_path = killed_run(tmp_path, "mid", step=checkpoint_step + 1, flush=True)
     killed_dir = config_path.parent / "lightning_logs" / "version_0"
     saved = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == CHECKPOINT_EVERY_N_STEPS  # mid epoch 1 of 3 steps
-    first_segment = json.loads((killed_dir / RUN_JSON).read_text()) if (killed_dir / RUN_JSON).exists() else None
+    assert saved["global_step"] == checkpoint_step and saved["epoch"] == 1
+    killed_steps = [step for step, _ in read_scalars(killed_dir)[LOSS_STEP_KEY]]
+    assert max(killed_steps) >= checkpoint_step  # logged after the checkpoint: trained again
+    first_segment = (
+        json.loads((killed_dir / RUN_JSON).read_text()) if (killed_dir / RUN_JSON).exists() else None
+    )
     assert first_segment is None  # SIGKILL: no hook ran, no report
 
     run_dir = resume(config_path, "last")
@@ -168,7 +181,9 @@ def test_epoch_end_kill_resumed_with_the_path_matches_the_uninterrupted_run(tmp_
     assert_same_training(run_dir, uninterrupted)
 
 
-def test_resume_with_changed_model_options_stops_with_each_difference(tmp_path, uninterrupted, capsys) -> None:
+def test_resume_with_changed_model_options_stops_with_each_difference(
+    tmp_path, uninterrupted, capsys
+) -> None:
     root = tmp_path / "changed"
     shutil.copytree(uninterrupted.parent.parent, root)
     config_path = write_yaml(root / "fit.yaml", resume_config(root))
