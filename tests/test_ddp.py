@@ -487,3 +487,30 @@ def test_fit_resumes_from_the_ddp_checkpoint_on_two_processes(
     steps_per_epoch = TRAIN_SIZE // (WORLD_SIZE * MICRO_BATCH * ACCUMULATION)
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == saved["global_step"] + epochs_trained * steps_per_epoch
+
+
+def test_predict_on_two_processes_writes_every_question_once_in_input_order(
+    ddp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    # 5 questions in batches of 2 on 2 processes: uneven shards, which Lightning pads with a repeat.
+    questions = [f"Ana has {n} apples and buys 2 more. How many apples does she have?" for n in range(5)]
+    questions_path = tmp_path / "questions.jsonl"
+    questions_path.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    output = tmp_path / "predictions.jsonl"
+    adapter = ddp_run["run_dirs"][0] / "adapter"
+    config = tiny_config(
+        tmp_path,
+        trainer=ddp_trainer(),
+        model=model_section(ddp_run["base_dir"], adapter_path=str(adapter), max_new_tokens=4),
+        data={"predict_path": str(questions_path), "batch_size": 2},
+    )
+    run_cli(
+        "predict",
+        "--config",
+        str(write_yaml(tmp_path / "predict.yaml", config)),
+        "--trainer.callbacks+=callbacks.predictions.PredictionWriter",
+        f"--trainer.callbacks.output_path={output}",
+        cwd=tmp_path,
+    )
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["question"] for row in rows] == questions
