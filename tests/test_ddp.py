@@ -73,8 +73,8 @@ class RecordRank(Callback):
                 "epoch": trainer.current_epoch,
                 "batch_idx": batch_idx,
                 "example_ids": batch["example_ids"].tolist(),
-                # Lightning hands on the loss divided by the accumulation factor (what backward saw).
-                "loss": float(outputs["loss"]) * trainer.accumulate_grad_batches,
+                # The micro-batch's own token-mean loss (what train/loss logs), next to the step's objective.
+                "loss": float(outputs["token_mean_loss"]),
                 "global_step": trainer.global_step,
                 "allreduces": len(ALLREDUCE_BUCKETS),
                 "reduced_elements": sum(ALLREDUCE_BUCKETS),

@@ -212,3 +212,39 @@ def test_last_without_any_checkpoint_names_where_it_looked(tmp_path, capsys) -> 
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "lightning_logs") in err and "last.ckpt" in err
+
+
+class OutOfMemoryAtStep(Callback):
+    """Test-only: a CUDA out-of-memory error in the training step after ``step`` optimizer steps.
+
+    Args:
+        step: the optimizer step count at which the error is raised.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.56 GiB.")
+
+
+def test_out_of_memory_keeps_memory_json_run_json_report_and_last_checkpoint(tmp_path, capsys) -> None:
+    config = resume_config(
+        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": 5}}
+    )
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("phi2tutor: error: CUDA ran out of memory at step 5") == 1
+    assert "Ways to fit:" in err and "Tried to allocate 1.56 GiB" in err
+    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    memory = json.loads((run_dir / "memory.json").read_text())
+    assert memory["oom"] is True
+    run_info = json.loads((run_dir / RUN_JSON).read_text())
+    assert run_info["stop"]["reason"] == "failed" and run_info["stop"]["exception"] == "OutOfMemoryError"
+    assert (run_dir / REPORT_MD).is_file()
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 * CHECKPOINT_EVERY_N_STEPS  # the step-4 checkpoint, untouched
