@@ -90,6 +90,14 @@ def build_cli_class():
                 compute_fn=annotated_data,
             )
 
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            if self.config.get("subcommand") == "fit":
+                # Before LightningCLI reads the checkpoint's hyperparameters over the given model options.
+                from phi2tutor.resume import resolve_fit_resume
+
+                resolve_fit_resume(self.config["fit"])
+
     TutorCLI.save_fit_config_class = SaveFitConfig
     return TutorCLI
 
@@ -208,7 +216,7 @@ def main_data(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from phi2tutor.errors import Phi2TutorError
+    from phi2tutor.errors import Phi2TutorError, explanation
 
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 1 and args[0] in HELP_FLAGS:
@@ -224,6 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     except Phi2TutorError as error:
         print(f"phi2tutor: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as error:
+        # A failure a callback explained (out of memory): its explanation, not a traceback; not bad input.
+        text = explanation(error)
+        if text is None:
+            raise
+        print(f"phi2tutor: error: {text}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

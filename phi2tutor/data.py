@@ -6,16 +6,18 @@ dynamic padding and length grouping.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from phi2tutor.calculator import annotated_data
 from phi2tutor.errors import Phi2TutorError, first_line
@@ -35,6 +37,21 @@ class TokenizedExample:
     example_id: int
     input_ids: list[int]
     prompt_length: int
+    # Answer tokens of the whole optimizer step this example is trained in (all micro-batches, all
+    # processes); set by TrainingSampler, None outside training.
+    step_target_tokens: int | None = None
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the loss is taken on: the answer and EOS (the prompt is masked)."""
+        return len(self.input_ids) - self.prompt_length
+
+
+class StepIndex(NamedTuple):
+    """An index that TrainingSampler yields: the example, and the target tokens of its optimizer step."""
+
+    example: int
+    step_target_tokens: int
 
 
 class TokenizedDataset(Dataset):
@@ -44,7 +61,9 @@ class TokenizedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> TokenizedExample:
+    def __getitem__(self, index: int | StepIndex) -> TokenizedExample:
+        if isinstance(index, StepIndex):
+            return replace(self.examples[index.example], step_target_tokens=index.step_target_tokens)
         return self.examples[index]
 
 
@@ -75,6 +94,66 @@ class LengthGroupedSampler(Sampler[int]):
             yield from sorted(order[start : start + self.megabatch], key=lambda i: -self.lengths[i])
 
 
+class TrainingSampler(DistributedSampler):
+    """This process's share of the epoch's length-grouped order, resumable mid-epoch, every index tagged
+    with the target tokens of the optimizer step it belongs to.
+
+    Process ``rank`` takes every ``num_replicas``-th index of the one order (as torch's DistributedSampler
+    with shuffle=False: padded by repeating the start), so micro-batch k of all processes together is
+    positions [k*B*R, (k+1)*B*R) of the order and an optimizer step of ``accumulation`` micro-batches is a
+    known block of it: its total target tokens are known before the step starts, on every process,
+    without communication (TutorModule divides the step's summed token losses by it).
+
+    A DistributedSampler subclass, so Lightning uses it as it is under DDP instead of wrapping it in a
+    sampler that shuffles again. ``resume_at`` = (epoch, micro-batches already trained in it) skips those
+    batches the first time that epoch is iterated.
+    """
+
+    def __init__(
+        self,
+        order: LengthGroupedSampler,
+        target_tokens: list[int],
+        batch_size: int,
+        accumulation: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+        resume_at: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(order, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.order = order
+        self.target_tokens = target_tokens
+        self.batch_size = batch_size
+        self.accumulation = max(1, accumulation)
+        self.resume_at = resume_at
+        # Constructed at the resumed epoch: a DataLoader with workers draws its first indices when its
+        # iterator is made, before Lightning calls set_epoch.
+        self.set_epoch(resume_at[0] if resume_at else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        # The check runs at the first index drawn, not when the iterator is made: an iterator made and
+        # dropped unused (Lightning makes one during setup) does not use up the resume position.
+        skip_batches = 0
+        if self.resume_at is not None:
+            if self.resume_at[0] == self.epoch:
+                skip_batches = self.resume_at[1]
+            self.resume_at = None
+        order = list(self.order)
+        order += (order * math.ceil(self.total_size / max(1, len(order))))[: self.total_size - len(order)]
+        step_size = self.batch_size * self.accumulation * self.num_replicas  # positions per optimizer step
+        step_tokens = [
+            sum(self.target_tokens[i] for i in order[start : start + step_size])
+            for start in range(0, len(order), step_size)
+        ]
+        for position in range(
+            self.rank + skip_batches * self.batch_size * self.num_replicas, len(order), self.num_replicas
+        ):
+            yield StepIndex(order[position], step_tokens[position // step_size])
+
+
 def collate_examples(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; labels are -100 on the prompt and on padding.
 
@@ -91,12 +170,15 @@ def collate_examples(examples: list[TokenizedExample], pad_token_id: int) -> dic
         attention_mask[row, : len(ids)] = 1
         labels[row, example.prompt_length : len(ids)] = ids[example.prompt_length :]
     example_ids = torch.tensor([e.example_id for e in examples], dtype=torch.long)
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "example_ids": example_ids,
     }
+    if examples[0].step_target_tokens is not None:
+        batch["step_target_tokens"] = torch.tensor(examples[0].step_target_tokens, dtype=torch.long)
+    return batch
 
 
 class MathDataModule(LightningDataModule):
@@ -172,6 +254,7 @@ class MathDataModule(LightningDataModule):
         self.skipped: dict[str, dict[str, int]] = {}
         self.annotations: dict[str, list[int]] = {}
         self._annotations_seen: list[int] = []
+        self._resume_at: tuple[int, int] | None = None  # (epoch, micro-batches done), from a checkpoint
 
     # ------------------------------------------------------------------ rows
     def load_rows(self) -> dict[str, list[dict[str, str]]]:
@@ -409,9 +492,7 @@ class MathDataModule(LightningDataModule):
         dataset = self.datasets[split]
         lengths = [len(e.input_ids) for e in dataset.examples]
         if shuffle:
-            # group_factor 0 is a plain seeded shuffle: the same sampler, resumable, without grouping.
-            group_factor = 16 if self.hparams.group_by_length else 0
-            sampler = self._shard(LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor))
+            sampler = self._training_sampler(dataset, lengths, batch_size)
         else:
             sampler = sorted(range(len(dataset)), key=lambda i: -lengths[i])
         return DataLoader(
@@ -423,23 +504,62 @@ class MathDataModule(LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
         )
 
-    def _shard(self, sampler: LengthGroupedSampler) -> Sampler[int]:
-        """Under DDP, every process takes every n-th index of the one shuffled, length-grouped order.
+    def _training_sampler(self, dataset: TokenizedDataset, lengths: list[int], batch_size: int) -> Sampler:
+        """The shuffled, length-grouped, resumable order; under DDP every process takes every n-th index of
+        the one order.
 
-        Lightning would wrap the sampler itself, but with shuffle=True for training, which shuffles the
-        order once more and undoes the length grouping; sharding without that shuffle keeps neighbours
-        (and so each process's batches) of similar length. Disjoint shards that cover the data either way.
+        Lightning would wrap a plain sampler itself, but with shuffle=True for training, which shuffles the
+        order once more and undoes the length grouping; TrainingSampler shards without that shuffle, so
+        neighbours (and so each process's batches) keep similar lengths.
+        """
+        # group_factor 0 is a plain seeded shuffle: the same sampler, resumable, without grouping.
+        group_factor = 16 if self.hparams.group_by_length else 0
+        order = LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor)
+        trainer = self.trainer
+        replicas = {"num_replicas": 1, "rank": 0}
+        if trainer is not None and getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+            kwargs = trainer.distributed_sampler_kwargs or {}
+            replicas = {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
+        # else: the user shards the data themselves (Trainer(use_distributed_sampler=False)).
+        return TrainingSampler(
+            order,
+            [example.target_tokens for example in dataset.examples],
+            batch_size,
+            accumulation=trainer.accumulate_grad_batches if trainer is not None else 1,
+            resume_at=self._resume_at,
+            **replicas,
+        )
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data order stands, saved in every checkpoint: (epoch, micro-batches done).
+
+        Lightning's own stateful-loader restore is skipped when configure_optimizers reads
+        trainer.estimated_stepping_batches, as TutorModule's schedule does (Lightning 2.6,
+        Lightning-AI/pytorch-lightning#20550); the datamodule's state is restored before the loaders are
+        made, so the position travels here.
         """
         trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not kwargs or kwargs.get("num_replicas", 1) <= 1:
-            return sampler
-        if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
-            return sampler  # the user shards the data themselves (Trainer(use_distributed_sampler=False))
-        from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        epoch = trainer.fit_loop.epoch_progress.current.processed  # what Lightning passes to set_epoch
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # an epoch-end checkpoint: the next epoch starts fresh
+            epoch, batches = epoch + 1, 0
+        return {"train_position": {"epoch": epoch, "batches": batches}}
 
-        # Its set_epoch reaches the inner sampler, so every epoch has a new order, the same on every process.
-        return DistributedSamplerWrapper(sampler, shuffle=False, **kwargs)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        if not position:
+            return
+        self._resume_at = (int(position["epoch"]), int(position["batches"]))
+        if self._resume_at[1]:
+            rank_zero_info(
+                f"phi2tutor | resuming the training data order at epoch {self._resume_at[0] + 1}, after "
+                f"micro-batch {self._resume_at[1]}"
+            )
+            # The data order is resumable, through this state rather than the loader's (see state_dict).
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
     def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         return collate_examples(examples, self.tokenizer.pad_token_id)

@@ -15,3 +15,17 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     text = lines[0].strip() if lines else type(error).__name__
     return text[:limit] if limit else text
+
+
+EXPLANATION_ATTRIBUTE = "phi2tutor_explanation"
+
+
+def attach_explanation(error: BaseException, text: str) -> None:
+    """Give a library's error (e.g. CUDA out of memory) our explanation without replacing it: a callback
+    that raised its own error instead would stop Lightning's other exception hooks and the teardown."""
+    setattr(error, EXPLANATION_ATTRIBUTE, text)
+
+
+def explanation(error: BaseException) -> str | None:
+    """The explanation attached to ``error``, if any (the CLI prints it instead of a traceback)."""
+    return getattr(error, EXPLANATION_ATTRIBUTE, None)

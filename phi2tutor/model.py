@@ -39,13 +39,20 @@ ComputeDtype = Literal["float32", "float16", "bfloat16"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 
 
-def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup from ~0 to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, schedule_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warmup + cosine down to ``min_lr_ratio`` of the peak over ``schedule_steps``
+    optimizer steps, then held at that floor (past num_training_steps transformers' cosine would rise
+    again; ``lr_schedule_epochs`` shorter than the run needs the floor)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, warmup_steps, schedule_steps, min_lr_rate=min_lr_ratio
+    )
+    cosine = scheduler.lr_lambdas[0]
+    scheduler.lr_lambdas[0] = lambda step: cosine(min(step, schedule_steps))
+    return scheduler
 
 
 class TutorModule(LightningModule):
@@ -216,8 +223,8 @@ class TutorModule(LightningModule):
         self._print_summary()
 
     def _print_summary(self) -> None:
-        total = sum(p.numel() * _packed_factor(p) for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # peft counts a bitsandbytes 4-bit element as the two weights it packs.
+        trainable, total = self.model.get_nb_trainable_parameters()
         precision = getattr(self._trainer, "precision", "n/a") if self._trainer is not None else "n/a"
         rank_zero_info(
             f"phi2tutor | model {self.model_source} | parameters {total / 1e6:,.2f}M total, "
@@ -270,8 +277,9 @@ class TutorModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def target_token_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens, with the LM head applied to those positions only.
+    def target_token_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over answer tokens (``mean`` or ``sum``), with the LM head applied to those
+        positions only.
 
         The full-vocabulary logits of every position (fp32 for the loss) are the largest buffer of a
         Phi-2 step at seq 512; the prompt and padding positions never need them.
@@ -287,7 +295,7 @@ class TutorModule(LightningModule):
         targets = batch["labels"][:, 1:]
         is_target = targets != -100
         logits = base.lm_head(hidden[:, :-1][is_target])
-        return F.cross_entropy(logits.float(), targets[is_target])
+        return F.cross_entropy(logits.float(), targets[is_target], reduction=reduction)
 
     def _checkpoint_offload(self):
         """The block in which saved tensors wait in CPU memory (``offload_checkpoints``), else a no-op."""
@@ -297,12 +305,34 @@ class TutorModule(LightningModule):
             return offload.saved_tensors_on_host(self.device)
         return contextlib.nullcontext()
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.target_token_loss(batch)
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """The micro-batch's share of its optimizer step's token-mean loss.
+
+        An optimizer step's loss is the sum of the token losses of all its micro-batches (on all
+        processes) over their total target tokens, as one large batch would have it, so every answer
+        token weighs the same whatever the micro-batch, accumulation and process count (transformers'
+        Trainer does the same with num_items_in_batch). The sampler tags each batch with that total
+        (``step_target_tokens``). Lightning divides the returned loss by accumulate_grad_batches (also
+        for an epoch's shorter last step) and DDP averages gradients over processes: both are multiplied
+        back here. The logged train/loss stays this micro-batch's own per-token mean.
+        """
+        loss_sum = self.target_token_loss(batch, reduction="sum")
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        token_mean = loss_sum / tokens
+        step_tokens = batch.get("step_target_tokens")
+        if step_tokens is None:  # a loader without the tag: each micro-batch weighs the same
+            objective = token_mean
+        else:
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+            objective = loss_sum * scale / step_tokens
         batch_size = batch["input_ids"].shape[0]
-        self.log(LOSS_STEP_KEY, loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        self.log(LOSS_EPOCH_KEY, loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
-        return loss
+        self.log(
+            LOSS_STEP_KEY, token_mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
+        )
+        self.log(
+            LOSS_EPOCH_KEY, token_mean, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size
+        )
+        return {"loss": objective, "token_mean_loss": token_mean.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.target_token_loss(batch)
@@ -321,10 +351,12 @@ class TutorModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning unscales 16-mixed gradients before this hook and clips after it: this is the
         # true total norm before clipping.
-        grads = [p.grad.detach().float().norm(2) for p in self.trainable_parameters() if p.grad is not None]
+        # Not lightning.pytorch.utilities.grad_norm: it builds a dict of per-parameter norms and copies each
+        # to the host to total them; this is the one total, on the device.
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if not grads:
             return
-        grad_norm = torch.linalg.vector_norm(torch.stack(grads))
+        grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if torch.isfinite(grad_norm):  # an fp16 overflow step is skipped by the scaler; don't plot inf
             self.log(GRAD_NORM_KEY, grad_norm, on_step=True, on_epoch=False)
 
@@ -344,9 +376,7 @@ class TutorModule(LightningModule):
         if hp.lr_schedule_epochs is not None and max_epochs and max_epochs > 0:
             total_steps = max(1, round(total_steps * min(1.0, hp.lr_schedule_epochs / max_epochs)))
         warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine_factor(step, warmup, total_steps, hp.min_lr_ratio)
-        )
+        scheduler = warmup_cosine_schedule(optimizer, warmup, total_steps, hp.min_lr_ratio)
         # The name is the TensorBoard key LearningRateMonitor logs under.
         return {
             "optimizer": optimizer,
@@ -355,6 +385,10 @@ class TutorModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints and adapters
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What was logged up to this checkpoint reaches the event file now: after a crash the resumed run
+        # continues from here (TensorBoard's writer would otherwise hold up to two minutes of events).
+        for logger in self.trainer.loggers:
+            logger.save()
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
@@ -512,8 +546,3 @@ class TutorModule(LightningModule):
             self.model.train(was_training)
         self.last_calculator_counts = counts
         return answers
-
-
-def _packed_factor(parameter: torch.Tensor) -> int:
-    # bitsandbytes packs two 4-bit weights per uint8 element.
-    return 2 if parameter.dtype == torch.uint8 else 1
