@@ -82,6 +82,8 @@ MODEL_FIELDS = (
     "lora_target_modules",
     "modules_to_save",
     "gradient_checkpointing",
+    "embeddings_on_cpu",
+    "offload_checkpoints",
     "optimizer",
     "learning_rate",
     "weight_decay",
@@ -294,11 +296,13 @@ def planner_estimate(
     loss_token_fraction: float,
 ) -> MemoryEstimate:
     config = {
-        "model": {**model_settings, "model_config": shape, "loss_token_fraction": loss_token_fraction},
+        "model": {**model_settings, "model_config": shape},
         "data": {"batch_size": micro_batch, "max_length": max_length},
         "trainer": {"precision": precision, "accumulate_grad_batches": accumulate_grad_batches},
     }
-    return plan_from_config_dict(config, source="benchmarks/memory_phi2.py")
+    return plan_from_config_dict(
+        config, source="benchmarks/memory_phi2.py", loss_token_fraction=loss_token_fraction
+    )
 
 
 def main() -> None:

@@ -153,12 +153,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--lr_warmup_fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides train")
+    parser.add_argument(
+        "--qlora",
+        action="store_true",
+        help="configs/phi2-qlora-4gb.yaml's settings on both sides: nf4-double base, gradient checkpointing, "
+        "paged 8-bit AdamW, and on CUDA float16 compute with 16-mixed (HF: fp16=True); on the CPU fp32 compute",
+    )
     parser.add_argument(
         "--hf_group_by_length",
         action="store_true",
         help="also run side B with train_sampling_strategy=group_by_length (context, not the target)",
     )
     return parser.parse_args()
+
+
+def qlora_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """TutorModule options of configs/phi2-qlora-4gb.yaml (with --qlora), else none."""
+    if not args.qlora:
+        return {}
+    return {
+        "quantization": "nf4-double",
+        "compute_dtype": "float16" if args.device == "cuda" else "float32",
+        "gradient_checkpointing": True,
+        "optimizer": "paged_adamw8bit",
+    }
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
@@ -209,6 +228,7 @@ def run_phi2tutor(
     module = TutorModule(
         model_config=config,
         tokenizer_name_or_path=str(bundled_tokenizer_dir()),
+        **qlora_settings(args),
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -221,7 +241,8 @@ def run_phi2tutor(
     module.configure_model()
     clock = LightningStepClock(args.warmup_steps)
     trainer = Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if args.device == "cuda" else "cpu",
+        precision="16-mixed" if args.qlora and args.device == "cuda" else "32-true",
         devices=1,
         max_steps=args.steps,
         logger=False,
@@ -242,7 +263,17 @@ def run_hf_trainer(
 ) -> RunMeasurement:
     """Side B: transformers Trainer on a peft model, padded by DataCollatorForSeq2Seq (labels -100)."""
     torch.set_num_threads(args.threads)
-    base = load_base_model("phi-tiny", config, "none", "float32", "sdpa", init_seed=args.seed)
+    settings = qlora_settings(args)
+    base = load_base_model(
+        "phi-tiny",
+        config,
+        settings.get("quantization", "none"),
+        settings.get("compute_dtype", "float32"),
+        "sdpa",
+        init_seed=args.seed,
+    )
+    if args.qlora:
+        base.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input (as TutorModule)
     torch.manual_seed(args.seed)
     model = wrap_with_lora(
         base, None, args.lora_r, args.lora_alpha, args.lora_dropout, list(PHI2_LORA_TARGETS), None
@@ -257,14 +288,17 @@ def run_hf_trainer(
             learning_rate=args.learning_rate,
             lr_scheduler_type="cosine",
             warmup_steps=args.lr_warmup_fraction,
-            optim="adamw_torch",
+            optim="paged_adamw_8bit" if args.qlora else "adamw_torch",
+            fp16=args.qlora and args.device == "cuda",
+            gradient_checkpointing=args.qlora,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if args.qlora else None,
             weight_decay=0.0,
             max_grad_norm=1.0,
             logging_steps=1,
             report_to=[],
             save_strategy="no",
             dataloader_num_workers=0,
-            use_cpu=True,
+            use_cpu=args.device == "cpu",
             disable_tqdm=True,
             seed=args.seed,
             train_sampling_strategy=sampling,
@@ -294,6 +328,8 @@ def describe(name: str, runs: list[RunMeasurement]) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("train_throughput.py --device cuda: no CUDA device is visible")
     for name in ("lightning.pytorch", "lightning.fabric", "transformers", "phi2tutor"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
@@ -305,7 +341,8 @@ def main() -> None:
         f"data: {args.data_file or 'bundled synthetic problems'} | {len(examples)} examples, tokens per "
         f"example median {statistics.median(lengths):.0f} max {max(lengths)} | micro-batch {args.batch_size} | "
         f"steps {args.steps} (first {args.warmup_steps} untimed) | model hidden {args.hidden_size} x "
-        f"{args.layers} layers | LoRA r {args.lora_r} on {','.join(PHI2_LORA_TARGETS)} | threads {args.threads}"
+        f"{args.layers} layers | LoRA r {args.lora_r} on {','.join(PHI2_LORA_TARGETS)} | threads {args.threads} | "
+        f"device {args.device}{' | QLoRA (the 4 GB config)' if args.qlora else ''}"
     )
     sides: dict[str, Any] = {
         "A phi2tutor fit, plain padding": lambda: run_phi2tutor(

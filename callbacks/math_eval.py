@@ -16,7 +16,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.grading import grade, read_jsonl, reference_answer
-from phi2tutor.keys import ACCURACY_KEY, EVAL_SECONDS_KEY, INVALID_RATE_KEY, SAMPLES_KEY
+from phi2tutor.keys import (
+    ACCURACY_KEY,
+    CALCULATOR_CALLS_KEY,
+    CALCULATOR_CHANGED_KEY,
+    EVAL_SECONDS_KEY,
+    INVALID_RATE_KEY,
+    SAMPLES_KEY,
+)
 from phi2tutor.metrics import MathAnswerAccuracy
 
 # Table cells longer than this are cut: TensorBoard's text view is for skimming, not for reading essays.
@@ -39,10 +46,16 @@ class MathAnswerEval(Callback):
     missing on the other epochs, so give ModelCheckpoint the same every_n_epochs and EarlyStopping
     strict=False (or keep every_n_epochs=1 and thin out validation with check_val_every_n_epoch).
 
+    When the tutor decodes with the calculator (TutorModule's ``calculator``), it also logs
+    val/calculator_calls (annotations the calculator completed, summed over the graded problems) and
+    val/calculator_changed (of those, how many differ from what the model would have written itself).
+
     The results so far are in ``history``, saved in checkpoints: one dict per evaluation with epoch
     (1-based, as every message says it: the epoch just validated; at fit end the number of epochs trained,
     0 before training), step (global step), stage
-    ("validation", "validate" or "fit_end"), accuracy, invalid_rate, correct, invalid, total and seconds.
+    ("validation", "validate" or "fit_end"), accuracy, invalid_rate, correct, invalid, total and seconds,
+    and calculator (on or off) with calculator_calls, calculator_changed and calculator_declined (None
+    when it was off).
     The last sample rows are in ``last_samples``.
 
     Args:
@@ -155,6 +168,7 @@ class MathAnswerEval(Callback):
             (ACCURACY_KEY, result["accuracy"], "mean"),
             (INVALID_RATE_KEY, result["invalid_rate"], "mean"),
             (EVAL_SECONDS_KEY, result["seconds"], "max"),
+            *_calculator_metrics(result, "mean"),
         ):
             pl_module.log(
                 key.replace("val/", f"{prefix}/", 1),
@@ -176,6 +190,7 @@ class MathAnswerEval(Callback):
             ACCURACY_KEY: result["accuracy"],
             INVALID_RATE_KEY: result["invalid_rate"],
             EVAL_SECONDS_KEY: result["seconds"],
+            **{key: value for key, value, _ in _calculator_metrics(result, "mean")},
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=_logger_step(trainer))
@@ -249,6 +264,7 @@ class MathAnswerEval(Callback):
         metric = MathAnswerAccuracy(decimal_comma=self.decimal_comma).to(pl_module.device)
         metric.update(outputs, references)
         summary = metric.summary()
+        calculator = self._calculator_counts(trainer, pl_module, bool(shard))
         seconds = time.perf_counter() - started
         result = {
             "epoch": _epoch_number(trainer, stage),
@@ -260,6 +276,7 @@ class MathAnswerEval(Callback):
             "invalid": summary["invalid"],
             "total": summary["total"],
             "seconds": seconds,
+            **calculator,
         }
         self.history.append(result)
         self.last_samples = self._sample_rows(shard, outputs)
@@ -268,10 +285,37 @@ class MathAnswerEval(Callback):
             print(
                 f"MathAnswerEval ({stage}, epoch {result['epoch']}, step {result['step']}): answer accuracy "
                 f"{result['accuracy']:.3f} ({result['correct']}/{result['total']}), invalid "
-                f"{result['invalid_rate']:.3f} ({result['invalid']}/{result['total']}), {seconds:.1f} s",
+                f"{result['invalid_rate']:.3f} ({result['invalid']}/{result['total']}), {seconds:.1f} s"
+                + _calculator_summary(result),
                 flush=True,
             )
         return result
+
+    @staticmethod
+    def _calculator_counts(
+        trainer: pl.Trainer, pl_module: pl.LightningModule, generated: bool
+    ) -> dict[str, Any]:
+        """What the calculator did in this evaluation, summed over processes (None values when it was off)."""
+        counts = getattr(pl_module, "last_calculator_counts", None) if generated else None
+        enabled = bool(getattr(pl_module, "calculator_enabled", False))
+        local = [counts.calls, counts.changed, counts.declined] if counts is not None else [0, 0, 0]
+        total = trainer.strategy.reduce(
+            torch.tensor(local, dtype=torch.float64, device=pl_module.device), reduce_op="sum"
+        )
+        calls, changed, declined = (int(value) for value in total.tolist())
+        if not enabled:
+            return {
+                "calculator": False,
+                "calculator_calls": None,
+                "calculator_changed": None,
+                "calculator_declined": None,
+            }
+        return {
+            "calculator": True,
+            "calculator_calls": calls,
+            "calculator_changed": changed,
+            "calculator_declined": declined,
+        }
 
     def _generate(self, pl_module: pl.LightningModule, questions: list[str]) -> list[str]:
         if not questions:  # a process whose shard is empty (more processes than problems)
@@ -321,6 +365,25 @@ def _epoch_number(trainer: pl.Trainer, stage: str) -> int:
     if stage in ("fit_end", "validate", "test"):
         return trainer.current_epoch
     return trainer.current_epoch + 1
+
+
+def _calculator_metrics(result: dict[str, Any], reduce_fx: str) -> list[tuple[str, float, str]]:
+    """(key, value, reduce_fx) of the calculator's counts; none when the calculator was off."""
+    if not result.get("calculator"):
+        return []
+    return [
+        (CALCULATOR_CALLS_KEY, float(result["calculator_calls"]), reduce_fx),
+        (CALCULATOR_CHANGED_KEY, float(result["calculator_changed"]), reduce_fx),
+    ]
+
+
+def _calculator_summary(result: dict[str, Any]) -> str:
+    if not result.get("calculator"):
+        return ""
+    return (
+        f", calculator: {result['calculator_calls']} calls, {result['calculator_changed']} changed the model's "
+        f"tokens, {result['calculator_declined']} declined"
+    )
 
 
 def _logger_step(trainer: pl.Trainer) -> int:

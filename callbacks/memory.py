@@ -16,12 +16,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from phi2tutor.errors import Phi2TutorError, check_option, first_line
+from phi2tutor.errors import attach_explanation, check_option, first_line
 from phi2tutor.keys import MEMORY_JSON, MEMORY_PREFIX
-from phi2tutor.memory import MB, MemoryEstimate, format_breakdown_table, plan_from_hparams
+from phi2tutor.memory import MB, MemoryEstimate, format_breakdown_table
 
 SNAPSHOT_FILE = "memory_snapshot.pickle"
 SNAPSHOT_MAX_ENTRIES = 100_000
+PEAK_KEYS = ("max_allocated_mb", "cpu_peak_rss_mb")
 
 
 class MemoryBudgetWarning(UserWarning):
@@ -146,6 +147,7 @@ class GPUMemoryProfiler(Callback):
         self._recording = False
         self._estimate: MemoryEstimate | None = None
         self._run_directory: Path | None = None
+        self._earlier_peaks: dict[str, float | None] = {}
 
     # ------------------------------------------------------------------ measuring
     @property
@@ -165,6 +167,8 @@ class GPUMemoryProfiler(Callback):
             record["allocated_mb"] = _round(torch.cuda.memory_allocated(self._device) / MB)
             record["reserved_mb"] = _round(torch.cuda.memory_reserved(self._device) / MB)
             record["max_allocated_mb"] = _round(torch.cuda.max_memory_allocated(self._device) / MB)
+        for key in PEAK_KEYS:  # over every segment of a resumed run
+            record[key] = _max(record[key], self._earlier_peaks.get(key))
         return record
 
     def peak_mb(self, record: dict[str, Any]) -> float:
@@ -195,7 +199,7 @@ class GPUMemoryProfiler(Callback):
         # rank 0), so asking for it later on rank 0 alone (or in an exception handler) would hang.
         self._run_directory = Path(trainer.log_dir or trainer.default_root_dir)
         # A resumed run gets its samples back from the checkpoint after this hook (load_state_dict).
-        self.samples, self.budget_warned = [], False
+        self.samples, self.budget_warned, self._earlier_peaks = [], False, {}
         self._device = trainer.strategy.root_device
         if self.on_cuda:
             torch.cuda.reset_peak_memory_stats(self._device)
@@ -241,20 +245,24 @@ class GPUMemoryProfiler(Callback):
             rank_zero_info(memory_table(summary))
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if self._recording:
-            self._dump_snapshot(trainer)
-        if not is_out_of_memory(exception):
-            return
-        summary = self.summary(trainer)
-        message = self.out_of_memory_message(trainer, summary, exception)
-        summary.update(oom=True, message=message)
-        if trainer.is_global_zero:
-            self._write_json(trainer, summary)
-        # Raising here skips Lightning's own logger finalization: flush what was logged first. No
-        # checkpoint is written or touched, so the last one on disk stays the last good one.
-        for logger in trainer.loggers:
-            logger.finalize("failed")
-        raise Phi2TutorError(message) from exception
+        # Never raise here: Lightning would skip the other callbacks' on_exception (the report) and the
+        # teardown. memory.json is written, the explanation rides on the original error, which propagates;
+        # the phi2tutor command prints the explanation. No checkpoint is written or touched.
+        try:
+            if self._recording:
+                self._dump_snapshot(trainer)
+            if not is_out_of_memory(exception):
+                return
+            summary = self.summary(trainer)
+            message = self.out_of_memory_message(trainer, summary, exception)
+            summary.update(oom=True, message=message)
+            if trainer.is_global_zero:
+                self._write_json(trainer, summary)
+            attach_explanation(exception, message)
+        except Exception as error:  # recording the failure must not hide it
+            rank_zero_warn(
+                f"GPUMemoryProfiler: could not record the memory state after {exception!r}: {error}"
+            )
 
     # ------------------------------------------------------------------ messages
     def out_of_memory_message(
@@ -321,38 +329,31 @@ class GPUMemoryProfiler(Callback):
         torch.cuda.memory._record_memory_history(enabled=None)
 
     def _planner_estimate(self, trainer: Trainer, pl_module: LightningModule) -> MemoryEstimate | None:
-        """The module's ``memory_estimate``, else one planned from its and the datamodule's hparams."""
+        """The module's ``memory_estimate``: TutorModule plans its configuration once when it is configured
+        (one plan, printed there and here); other modules have none."""
         estimate = getattr(pl_module, "memory_estimate", None)
-        if isinstance(estimate, MemoryEstimate):
-            return estimate
-        datamodule = getattr(trainer, "datamodule", None)
-        data_hparams = getattr(datamodule, "hparams", None) or {}
-        # Without TutorModule's fields and the batch shape there is nothing sound to plan.
-        if not _looks_like_tutor(pl_module) or "batch_size" not in data_hparams:
-            return None
-        try:
-            return plan_from_hparams(
-                pl_module.hparams,
-                data_hparams,
-                str(trainer.precision),
-                trainer.accumulate_grad_batches,
-            )
-        except Exception as error:  # the plan is a courtesy; never let it stop a run
-            rank_zero_warn(f"GPUMemoryProfiler: no memory estimate for this run ({error}).")
-            return None
+        return estimate if isinstance(estimate, MemoryEstimate) else None
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "budget_warned": self.budget_warned}
+        record = self.measure()
+        peaks = {key: _max(record[key], self._earlier_peaks.get(key)) for key in PEAK_KEYS}
+        return {"samples": self.samples, "budget_warned": self.budget_warned, "peaks": peaks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.samples = list(state_dict.get("samples", []))
         self.budget_warned = bool(state_dict.get("budget_warned", False))
+        # The peaks of the segments before the checkpoint: a resumed run's peak is the whole run's.
+        self._earlier_peaks = dict(state_dict.get("peaks") or {})
 
 
 def _looks_like_tutor(pl_module: LightningModule) -> bool:
     hparams = getattr(pl_module, "hparams", {}) or {}
     return "quantization" in hparams and ("model_config" in hparams or "model_name_or_path" in hparams)
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _round(value: float | None) -> float | None:

@@ -1,5 +1,6 @@
 """PredictionWriter: `phi2tutor predict` writes one JSON line per question (question, generation,
-extracted answer) with the same answer extraction as grading and `score`.
+extracted answer) with the same answer extraction as grading and `score`; under DDP every process's rows
+are gathered and written once, in the input order.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -39,13 +41,34 @@ class PredictionWriter(BasePredictionWriter):
         path = (
             Path(self.output_path) if self.output_path else Path(trainer.log_dir or ".") / "predictions.jsonl"
         )
+        rows = self._gather_rows(trainer, predictions, batch_indices)
         if not trainer.is_global_zero:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [row for batch in predictions for row in batch]
         with path.open("w", encoding="utf-8") as handle:
             for row in rows:
                 extracted = extract_answer(row["generation"], self.decimal_comma)
                 handle.write(json.dumps({**row, "extracted_answer": extracted}, ensure_ascii=False) + "\n")
         self.written_path = path
         rank_zero_info(f"phi2tutor | wrote {len(rows)} predictions to {path}")
+
+    @staticmethod
+    def _gather_rows(trainer: pl.Trainer, predictions: list[Any], batch_indices: list[Any]) -> list[dict]:
+        """Every process's rows, each question once, in the order of the questions file.
+
+        Under DDP each process predicted its shard (Lightning's DistributedSampler, which repeats a few
+        questions to even the shards out); the batch indices say which question each row answers.
+        """
+        # One predict dataloader: Lightning passes [dataloader][batch][sample] indices.
+        nested = bool(batch_indices and batch_indices[0] and isinstance(batch_indices[0][0], list))
+        indices = batch_indices[0] if nested else batch_indices
+        indexed = [
+            (index, row)
+            for batch, batch_index in zip(predictions, indices)
+            for index, row in zip(batch_index, batch)
+        ]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, indexed)
+            indexed = [pair for shard in gathered for pair in shard]
+        return [row for _, row in sorted(dict(indexed).items())]

@@ -77,11 +77,14 @@ class TrainingReport(Callback):
         self._written = False
         self._training_started = False
         self._run_dir: Path | None = None
+        # Segments of this run before the checkpoint it resumed from: start time and training seconds.
+        self._earlier_segments: list[dict[str, Any]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._written = False
             self._training_started = False
+            self._earlier_segments = []  # a resumed run gets them back in load_state_dict, after setup
             # Read here, on every process: under DDP trainer.log_dir is a collective (a broadcast from rank 0)
             # that rank 0 alone, or an exception handler, cannot call.
             self._run_dir = Path(trainer.log_dir or trainer.default_root_dir)
@@ -124,6 +127,22 @@ class TrainingReport(Callback):
         except Exception as error:  # the report must never replace the error that stopped the run
             rank_zero_warn(f"TrainingReport: no report written after the {kind} run: {error}")
 
+    def state_dict(self) -> dict[str, Any]:
+        # A checkpoint holds the segments so far, this one up to the checkpoint: the time a crashed
+        # segment trained after its last checkpoint is redone by the resumed one, and counted there.
+        return {"segments": self.segments()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._earlier_segments = [dict(segment) for segment in state_dict.get("segments", [])]
+
+    def segments(self) -> list[dict[str, Any]]:
+        """Every training segment of the run (one per start or resume): start time and seconds."""
+        current = {
+            "started_at": self._started_at,
+            "duration_seconds": round(time.time() - self._started_wall, 2) if self._started_wall else None,
+        }
+        return [*self._earlier_segments, current]
+
     # ------------------------------------------------------------------------------------------ the work
     def _mark_start(self) -> None:
         self._started_wall = time.time()
@@ -158,7 +177,8 @@ class TrainingReport(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stop: dict[str, Any]
     ) -> dict[str, Any]:
         """The content of run.json: what the report needs and the event files do not hold."""
-        ended = time.time()
+        segments = self.segments()
+        durations = [segment["duration_seconds"] for segment in segments]
         model = getattr(pl_module, "model", None) or pl_module
         hparams = getattr(pl_module, "hparams", {}) or {}
         info: dict[str, Any] = {
@@ -169,9 +189,11 @@ class TrainingReport(Callback):
             "precision": str(trainer.precision),
             "quantization": hparams.get("quantization"),
             "compute_dtype": hparams.get("compute_dtype"),
-            "started_at": self._started_at,
+            "started_at": segments[0]["started_at"],
             "ended_at": _now_iso(),
-            "duration_seconds": round(ended - self._started_wall, 2) if self._started_wall else None,
+            # Training time of all segments together (a resumed run continues the interrupted one).
+            "duration_seconds": round(sum(durations), 2) if None not in durations else None,
+            "segments": segments,
             "epochs_run": trainer.current_epoch,
             "max_epochs": trainer.max_epochs,
             "max_steps": trainer.max_steps,
@@ -214,9 +236,12 @@ def stop_reason(trainer: pl.Trainer) -> dict[str, Any]:
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Total and trainable parameters. bitsandbytes packs two 4-bit weights in each uint8 element."""
-    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Total and trainable parameters; peft's count for a peft model (a 4-bit element is two weights)."""
+    if callable(getattr(model, "get_nb_trainable_parameters", None)):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total_parameters": int(total), "trainable_parameters": int(trainable)}
 
 

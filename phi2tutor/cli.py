@@ -15,6 +15,10 @@ EXTRA_COMMANDS = {
     "report": "Write the training report of a finished run (run directory or HF trainer_state.json).",
     "plan": "Estimate the peak GPU memory of a config before loading anything; does it fit the budget?",
     "doctor": "Check this machine (GPU, torch build, bitsandbytes, bf16, free memory) against a config.",
+    "chat": "Ask a trained tutor questions in the terminal (streamed answers), or --question / stdin for scripts.",
+    "serve": "Serve a trained tutor over an OpenAI-compatible HTTP API (LitServe): /v1/chat/completions ...",
+    "export": "Merge a trained tutor's LoRA into its base: a transformers model directory, or GGUF for llama.cpp.",
+    "data": "Audit a config's data as fit reads it: duplicates, train/test overlap, lengths, difficulty.",
 }
 DEBUG_ENV = "PHI2TUTOR_DEBUG"
 # The logger's save_dir when the user names none: it then follows trainer.default_root_dir (Lightning's rule).
@@ -25,7 +29,7 @@ DESCRIPTION = """Fine-tune Phi-2 into a math tutor with LoRA/QLoRA and explain t
 Training commands (Lightning): fit, validate, test, predict -- e.g.
   phi2tutor fit --config configs/demo.yaml
   phi2tutor validate --config configs/demo.yaml --model.adapter_path models/demo-tutor
-Analysis commands (no training): {extra}
+Commands without training: {extra}
 Run `phi2tutor COMMAND --help` for the options of a command.""".format(
     extra="; ".join(f"{name}: {text}" for name, text in EXTRA_COMMANDS.items())
 )
@@ -65,6 +69,7 @@ def build_cli_class():
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
     from lightning.pytorch.utilities import rank_zero_info
 
+    from callbacks.dashboard import TensorBoardDashboard
     from callbacks.predictions import PredictionWriter
 
     class SaveFitConfig(SaveConfigCallback):
@@ -97,6 +102,22 @@ def build_cli_class():
                 compute_fn=_tokenizer_source,
             )
             parser.link_arguments("data.prompt_template", "model.prompt_template")
+            # A tutor trained on calculator annotations decodes with the calculator (model.calculator overrides).
+            from phi2tutor.calculator import annotated_data
+
+            parser.link_arguments(
+                ("data.keep_calculator_annotations", "data.source", "data.synthetic"),
+                "model.annotated_training_data",
+                compute_fn=annotated_data,
+            )
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            if self.config.get("subcommand") == "fit":
+                # Before LightningCLI reads the checkpoint's hyperparameters over the given model options.
+                from phi2tutor.resume import resolve_fit_resume
+
+                resolve_fit_resume(self.config["fit"])
 
         def before_instantiate_classes(self) -> None:
             config = self.config.get(str(self.subcommand), self.config)
@@ -115,6 +136,8 @@ def build_cli_class():
             if trainer_config.get("logger") not in (None, False, []):
                 # The lr curve is part of every report; without a logger there is nothing to log it to.
                 added.append(LearningRateMonitor(logging_interval="step"))
+                # phi2tutor's TensorBoard dashboard (it does nothing without a TensorBoard logger).
+                added.append(TensorBoardDashboard())
             if not any(isinstance(callback, BasePredictionWriter) for callback in configured):
                 added.append(PredictionWriter())
             return super().instantiate_trainer(callbacks=[*configured, *added], **kwargs)
@@ -216,10 +239,76 @@ def run_extra_command(name: str, args: list[str]) -> None:
         from phi2tutor.memory import main_plan
 
         main_plan(args)
+    elif name == "chat":
+        from phi2tutor.chat import main_chat
+
+        main_chat(args)
+    elif name == "serve":
+        from phi2tutor.serve import main_serve
+
+        main_serve(args)
+    elif name == "export":
+        from phi2tutor.export import main_export
+
+        main_export(args)
+    elif name == "data":
+        main_data(args)
     elif name == "doctor":
         from phi2tutor.doctor import main_doctor
 
         main_doctor(args)
+
+
+def instantiate_from_args(args: list[str]):
+    """The model, data module and trainer of a config, built by the same LightningCLI parser as fit (its
+    defaults, overrides, linked arguments and validation), without running anything."""
+    from callbacks.predictions import PredictionWriter
+    from phi2tutor.data import MathDataModule
+    from phi2tutor.model import TutorModule
+
+    cli_class = build_cli_class()
+    return cli_class(
+        TutorModule,
+        MathDataModule,
+        args=args,
+        run=False,
+        trainer_defaults={"logger": False, "callbacks": [PredictionWriter()]},
+        save_config_callback=None,
+    )
+
+
+def main_data(args: list[str]) -> None:
+    """``phi2tutor data``: the data report of a config, written without training."""
+    import argparse
+    from pathlib import Path
+
+    from phi2tutor.data_audit import LANGUAGES
+
+    parser = argparse.ArgumentParser(
+        prog="phi2tutor data",
+        description=(
+            "Read a config's data exactly as `phi2tutor fit` would (source, fields, template, tokenizer, "
+            "max_length) and write data_report.md, data_report.json and data_lengths.png: rows per split, "
+            "rows skipped and why, exact and near-duplicate questions, train/test contamination by shared "
+            "13-grams, token lengths against max_length, solution steps and number sizes, calculator "
+            "annotations, and recommendations. Every option of `phi2tutor fit` is accepted (--config, "
+            "--data.train_path, --data.max_length, ...); fit writes the same report into its run directory."
+        ),
+    )
+    parser.add_argument(
+        "--output", help="Directory for the report (default: lightning_logs/data-CONFIG_NAME)."
+    )
+    parser.add_argument("--language", choices=LANGUAGES, default="en", help="Report language.")
+    options, rest = parser.parse_known_args(args)
+    cli = instantiate_from_args(rest)
+    config_paths = [str(p) for p in (cli.config.get("config") or [])]
+    name = Path(config_paths[-1]).stem if config_paths else "default"
+    output = Path(options.output or Path(cli.trainer.default_root_dir) / "lightning_logs" / f"data-{name}")
+    report = cli.datamodule.write_data_report(output, options.language)
+    print(report.read_text(), end="")
+    print(
+        f"\nphi2tutor data: wrote {report}, {report.with_suffix('.json')} and {output / 'data_lengths.png'}"
+    )
 
 
 def user_error(error: BaseException) -> BaseException | None:
@@ -281,11 +370,20 @@ def main(argv: list[str] | None = None) -> None:
             # LightningCLI reads sys.argv itself; pass args only when called from Python.
             run_lightning_cli(None if argv is None else args)
     except Exception as error:
-        found = user_error(error)
-        if found is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"phi2tutor: error: {describe(found)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        found = user_error(error)
+        if found is not None:
+            print(f"phi2tutor: error: {describe(found)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        # A failure a callback explained (out of memory): its explanation, not a traceback; not bad input.
+        from phi2tutor.errors import explanation
+
+        text = explanation(error)
+        if text is None:
+            raise
+        print(f"phi2tutor: error: {text}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

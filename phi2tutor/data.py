@@ -6,17 +6,20 @@ dynamic padding and length grouping.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from phi2tutor.calculator import annotated_data
 from phi2tutor.errors import Phi2TutorError, check_option, first_line
 from phi2tutor.files import read_text, require_file, text_lines
 from phi2tutor.grading import reference_answer
@@ -36,6 +39,21 @@ class TokenizedExample:
     example_id: int
     input_ids: list[int]
     prompt_length: int
+    # Answer tokens of the whole optimizer step this example is trained in (all micro-batches, all
+    # processes); set by TrainingSampler, None outside training.
+    step_target_tokens: int | None = None
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the loss is taken on: the answer and EOS (the prompt is masked)."""
+        return len(self.input_ids) - self.prompt_length
+
+
+class StepIndex(NamedTuple):
+    """An index that TrainingSampler yields: the example, and the target tokens of its optimizer step."""
+
+    example: int
+    step_target_tokens: int
 
 
 class TokenizedDataset(Dataset):
@@ -45,7 +63,9 @@ class TokenizedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> TokenizedExample:
+    def __getitem__(self, index: int | StepIndex) -> TokenizedExample:
+        if isinstance(index, StepIndex):
+            return replace(self.examples[index.example], step_target_tokens=index.step_target_tokens)
         return self.examples[index]
 
 
@@ -76,6 +96,66 @@ class LengthGroupedSampler(Sampler[int]):
             yield from sorted(order[start : start + self.megabatch], key=lambda i: -self.lengths[i])
 
 
+class TrainingSampler(DistributedSampler):
+    """This process's share of the epoch's length-grouped order, resumable mid-epoch, every index tagged
+    with the target tokens of the optimizer step it belongs to.
+
+    Process ``rank`` takes every ``num_replicas``-th index of the one order (as torch's DistributedSampler
+    with shuffle=False: padded by repeating the start), so micro-batch k of all processes together is
+    positions [k*B*R, (k+1)*B*R) of the order and an optimizer step of ``accumulation`` micro-batches is a
+    known block of it: its total target tokens are known before the step starts, on every process,
+    without communication (TutorModule divides the step's summed token losses by it).
+
+    A DistributedSampler subclass, so Lightning uses it as it is under DDP instead of wrapping it in a
+    sampler that shuffles again. ``resume_at`` = (epoch, micro-batches already trained in it) skips those
+    batches the first time that epoch is iterated.
+    """
+
+    def __init__(
+        self,
+        order: LengthGroupedSampler,
+        target_tokens: list[int],
+        batch_size: int,
+        accumulation: int = 1,
+        num_replicas: int = 1,
+        rank: int = 0,
+        resume_at: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(order, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.order = order
+        self.target_tokens = target_tokens
+        self.batch_size = batch_size
+        self.accumulation = max(1, accumulation)
+        self.resume_at = resume_at
+        # Constructed at the resumed epoch: a DataLoader with workers draws its first indices when its
+        # iterator is made, before Lightning calls set_epoch.
+        self.set_epoch(resume_at[0] if resume_at else 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.order.set_epoch(epoch)
+
+    def __iter__(self):
+        # The check runs at the first index drawn, not when the iterator is made: an iterator made and
+        # dropped unused (Lightning makes one during setup) does not use up the resume position.
+        skip_batches = 0
+        if self.resume_at is not None:
+            if self.resume_at[0] == self.epoch:
+                skip_batches = self.resume_at[1]
+            self.resume_at = None
+        order = list(self.order)
+        order += (order * math.ceil(self.total_size / max(1, len(order))))[: self.total_size - len(order)]
+        step_size = self.batch_size * self.accumulation * self.num_replicas  # positions per optimizer step
+        step_tokens = [
+            sum(self.target_tokens[i] for i in order[start : start + step_size])
+            for start in range(0, len(order), step_size)
+        ]
+        for position in range(
+            self.rank + skip_batches * self.batch_size * self.num_replicas, len(order), self.num_replicas
+        ):
+            yield StepIndex(order[position], step_tokens[position // step_size])
+
+
 def collate_examples(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; labels are -100 on the prompt and on padding.
 
@@ -92,12 +172,15 @@ def collate_examples(examples: list[TokenizedExample], pad_token_id: int) -> dic
         attention_mask[row, : len(ids)] = 1
         labels[row, example.prompt_length : len(ids)] = ids[example.prompt_length :]
     example_ids = torch.tensor([e.example_id for e in examples], dtype=torch.long)
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
         "example_ids": example_ids,
     }
+    if examples[0].step_target_tokens is not None:
+        batch["step_target_tokens"] = torch.tensor(examples[0].step_target_tokens, dtype=torch.long)
+    return batch
 
 
 class MathDataModule(LightningDataModule):
@@ -125,6 +208,7 @@ class MathDataModule(LightningDataModule):
         group_by_length: bool = True,
         num_workers: int = 0,
         seed: int = 42,
+        audit: bool = True,
         tokenizer_name_or_path: str | None = None,
     ) -> None:
         """Math problems with GSM8K-style answers ("... #### N"), tokenized for causal-LM fine-tuning.
@@ -144,7 +228,9 @@ class MathDataModule(LightningDataModule):
             question_field: Name of the question field in each row.
             answer_field: Name of the answer field; its text must end with "#### N".
             prompt_template: Prompt with a ``{question}`` field (Phi-2: "Instruct: {question}\\nOutput:").
-            keep_calculator_annotations: Keep GSM8K's ``<<48/2=24>>`` annotations in the targets.
+            keep_calculator_annotations: Keep GSM8K's ``<<48/2=24>>`` annotations in the targets (for
+                ``source: synthetic`` the generator then writes them); a tutor trained on them decodes with
+                the calculator (TutorModule's ``calculator``).
             skip_invalid_rows: Skip rows without the answer or a final "#### N" (and prompts longer than
                 max_length), reporting how many, instead of stopping with an error.
             max_length: Longest tokenized example; longer answers are truncated and counted.
@@ -154,6 +240,8 @@ class MathDataModule(LightningDataModule):
             group_by_length: Batch examples of similar length together (less padding, same loss).
             num_workers: DataLoader worker processes.
             seed: Seed of the validation split and of the training order.
+            audit: At the start of fit, write the data report (data_report.md: duplicates, train/test
+                overlap, token lengths, difficulty; ``phi2tutor data`` writes the same) into the run directory.
             tokenizer_name_or_path: Tokenizer to use; the CLI links it to the model's tokenizer.
         """
         super().__init__()
@@ -177,6 +265,11 @@ class MathDataModule(LightningDataModule):
         self.rows: dict[str, list[dict[str, str]]] = {}
         self.datasets: dict[str, TokenizedDataset] = {}
         self.truncated_examples = 0
+        # Per split: rows skipped by reason, and the calculator annotations of each kept row's answer as read.
+        self.skipped: dict[str, dict[str, int]] = {}
+        self.annotations: dict[str, list[int]] = {}
+        self._annotations_seen: list[int] = []
+        self._resume_at: tuple[int, int] | None = None  # (epoch, micro-batches done), from a checkpoint
 
     # ------------------------------------------------------------------ rows
     def load_rows(self) -> dict[str, list[dict[str, str]]]:
@@ -185,22 +278,32 @@ class MathDataModule(LightningDataModule):
             return self.rows
         hp = self.hparams
         if hp.source == "synthetic":
-            splits = generate_splits(self.synthetic)
-            rows = {
-                split: [
+            splits = generate_splits(
+                replace(self.synthetic, calculator_annotations=self.calculator_annotations)
+            )
+            rows = {}
+            for split in SPLITS:
+                self._annotations_seen = []
+                rows[split] = [
                     self._clean(r, "question", "answer", f"synthetic {split} problem {number}")
                     for number, r in enumerate(splits[split], start=1)
                 ]
-                for split in SPLITS
-            }
+                self.annotations[split] = self._annotations_seen
         else:
             raw = self._read_files() if hp.source == "files" else self._read_hub()
             rows = {}
             for split, (origin, records) in raw.items():
-                rows[split] = self._validate_rows(records, origin)
+                self._annotations_seen = []
+                rows[split] = self._validate_rows(records, origin, split)
+                self.annotations[split] = self._annotations_seen
             if "val" not in rows:
+                annotations = dict(zip(map(id, rows["train"]), self.annotations["train"]))
                 rows["train"], rows["val"] = self._split_off_validation(rows["train"])
-            rows.setdefault("test", rows["val"])
+                for split in ("train", "val"):
+                    self.annotations[split] = [annotations[id(row)] for row in rows[split]]
+            if "test" not in rows:
+                rows["test"] = rows["val"]
+                self.annotations["test"] = self.annotations["val"]
         for split in ("train", "val"):
             if not rows[split]:
                 raise Phi2TutorError(
@@ -255,7 +358,9 @@ class MathDataModule(LightningDataModule):
             for split, table in self._hub_tables().items()
         }
 
-    def _validate_rows(self, records: list[tuple[int, dict]], origin: str) -> list[dict[str, str]]:
+    def _validate_rows(
+        self, records: list[tuple[int, dict]], origin: str, split: str = "train"
+    ) -> list[dict[str, str]]:
         hp = self.hparams
         unit = "line" if origin.lower().endswith(".jsonl") else "row"
         rows, skipped = [], 0
@@ -264,6 +369,9 @@ class MathDataModule(LightningDataModule):
             if problem:
                 if hp.skip_invalid_rows:
                     skipped += 1
+                    reasons = self.skipped.setdefault(split, {})
+                    reason = problem.split(" (fields")[0]
+                    reasons[reason] = reasons.get(reason, 0) + 1
                     continue
                 raise Phi2TutorError(
                     f"{origin}, {unit} {number} {problem}. Set data.question_field / data.answer_field to the "
@@ -275,12 +383,18 @@ class MathDataModule(LightningDataModule):
         return rows
 
     def _clean(self, record: dict, question_key: str, answer_key: str, where: str) -> dict[str, str]:
-        hp = self.hparams
         answer = str(record[answer_key]).strip()
-        if not hp.keep_calculator_annotations:
+        self._annotations_seen.append(len(CALCULATOR_ANNOTATION.findall(answer)))
+        if not self.calculator_annotations:
             answer = CALCULATOR_ANNOTATION.sub("", answer)
         # "where" names the row in the user's terms (file and line) for later messages.
         return {"question": str(record[question_key]).strip(), "answer": answer, "where": where}
+
+    @property
+    def calculator_annotations(self) -> bool:
+        """Whether the targets carry ``<<expr=result>>`` annotations: keep_calculator_annotations, or the
+        bundled generator's calculator_annotations (either one turns them on for ``source: synthetic``)."""
+        return annotated_data(self.hparams.keep_calculator_annotations, self.hparams.source, self.synthetic)
 
     def _split_off_validation(self, rows: list[dict[str, str]]) -> tuple[list, list]:
         order = list(range(len(rows)))
@@ -309,6 +423,59 @@ class MathDataModule(LightningDataModule):
                 self.datasets[split] = self._tokenize(rows[split], split)
         if stage == "fit" and self.truncated_examples and self.trainer is not None and self.trainer.logger:
             self.trainer.logger.log_metrics({TRUNCATED_KEY: self.truncated_examples}, step=0)
+        if stage == "fit" and self.hparams.audit and self.trainer is not None and self.trainer.is_global_zero:
+            report = self.write_data_report(self.trainer.log_dir or self.trainer.default_root_dir)
+            rank_zero_info(f"phi2tutor | data report: {report}")
+
+    def audit_splits(self) -> dict:
+        """Every split as fit sees it, with token lengths, for phi2tutor.data_audit."""
+        from phi2tutor.data_audit import SplitRows
+
+        hp = self.hparams
+        rows = self.load_rows()
+        origins = {"synthetic": "bundled generator"}
+        splits = {}
+        for split in SPLITS:
+            if split == "test" and rows["test"] is rows["val"]:
+                continue  # no separate test source: the validation rows stand in, audited once
+            prompts = [format_prompt(hp.prompt_template, r["question"]) for r in rows[split]]
+            answers = [" " + r["answer"] for r in rows[split]]
+            prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+            answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
+            splits[split] = SplitRows(
+                questions=[r["question"] for r in rows[split]],
+                answers=[r["answer"] for r in rows[split]],
+                prompt_tokens=[len(ids) for ids in prompt_ids],
+                answer_tokens=[len(ids) + 1 for ids in answer_ids],  # + EOS, learned like the answer
+                origin=self._origin(split) if hp.source != "synthetic" else origins["synthetic"],
+                skipped=self.skipped.get(split, {}),
+                annotations=self.annotations.get(split),
+            )
+        return splits
+
+    def _origin(self, split: str) -> str:
+        hp = self.hparams
+        if hp.source == "files":
+            path = {"train": hp.train_path, "val": hp.val_path, "test": hp.test_path}[split]
+            return str(path) if path else f"{hp.train_path} (val_fraction {hp.val_fraction})"
+        hub_split = hp.hub_test_split if split == "test" else hp.hub_train_split
+        held_out = f" (val_fraction {hp.val_fraction})" if split in ("train", "val") else ""
+        return f"{hp.hub_dataset}[{hub_split}]{held_out}"
+
+    def write_data_report(self, output_dir: str | Path, language: str = "en") -> Path:
+        """Write data_report.md/.json and the length histogram into output_dir; returns the .md path."""
+        from phi2tutor.data_audit import DATA_REPORT_MD, write_data_report
+
+        if self.tokenizer is None:
+            self.setup("predict")  # loads the tokenizer only
+        write_data_report(
+            self.audit_splits(),
+            self.hparams.max_length,
+            output_dir,
+            language=language,
+            annotations_kept=self.hparams.keep_calculator_annotations,
+        )
+        return Path(output_dir) / DATA_REPORT_MD
 
     def _tokenize(self, rows: list[dict[str, str]], split: str) -> TokenizedDataset:
         hp = self.hparams
@@ -346,9 +513,7 @@ class MathDataModule(LightningDataModule):
         dataset = self.datasets[split]
         lengths = [len(e.input_ids) for e in dataset.examples]
         if shuffle:
-            # group_factor 0 is a plain seeded shuffle: the same sampler, resumable, without grouping.
-            group_factor = 16 if self.hparams.group_by_length else 0
-            sampler = self._shard(LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor))
+            sampler = self._training_sampler(dataset, lengths, batch_size)
         else:
             sampler = sorted(range(len(dataset)), key=lambda i: -lengths[i])
         return DataLoader(
@@ -360,23 +525,62 @@ class MathDataModule(LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
         )
 
-    def _shard(self, sampler: LengthGroupedSampler) -> Sampler[int]:
-        """Under DDP, every process takes every n-th index of the one shuffled, length-grouped order.
+    def _training_sampler(self, dataset: TokenizedDataset, lengths: list[int], batch_size: int) -> Sampler:
+        """The shuffled, length-grouped, resumable order; under DDP every process takes every n-th index of
+        the one order.
 
-        Lightning would wrap the sampler itself, but with shuffle=True for training, which shuffles the
-        order once more and undoes the length grouping; sharding without that shuffle keeps neighbours
-        (and so each process's batches) of similar length. Disjoint shards that cover the data either way.
+        Lightning would wrap a plain sampler itself, but with shuffle=True for training, which shuffles the
+        order once more and undoes the length grouping; TrainingSampler shards without that shuffle, so
+        neighbours (and so each process's batches) keep similar lengths.
+        """
+        # group_factor 0 is a plain seeded shuffle: the same sampler, resumable, without grouping.
+        group_factor = 16 if self.hparams.group_by_length else 0
+        order = LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor)
+        trainer = self.trainer
+        replicas = {"num_replicas": 1, "rank": 0}
+        if trainer is not None and getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
+            kwargs = trainer.distributed_sampler_kwargs or {}
+            replicas = {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
+        # else: the user shards the data themselves (Trainer(use_distributed_sampler=False)).
+        return TrainingSampler(
+            order,
+            [example.target_tokens for example in dataset.examples],
+            batch_size,
+            accumulation=trainer.accumulate_grad_batches if trainer is not None else 1,
+            resume_at=self._resume_at,
+            **replicas,
+        )
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data order stands, saved in every checkpoint: (epoch, micro-batches done).
+
+        Lightning's own stateful-loader restore is skipped when configure_optimizers reads
+        trainer.estimated_stepping_batches, as TutorModule's schedule does (Lightning 2.6,
+        Lightning-AI/pytorch-lightning#20550); the datamodule's state is restored before the loaders are
+        made, so the position travels here.
         """
         trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not kwargs or kwargs.get("num_replicas", 1) <= 1:
-            return sampler
-        if not getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
-            return sampler  # the user shards the data themselves (Trainer(use_distributed_sampler=False))
-        from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        epoch = trainer.fit_loop.epoch_progress.current.processed  # what Lightning passes to set_epoch
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= trainer.num_training_batches:  # an epoch-end checkpoint: the next epoch starts fresh
+            epoch, batches = epoch + 1, 0
+        return {"train_position": {"epoch": epoch, "batches": batches}}
 
-        # Its set_epoch reaches the inner sampler, so every epoch has a new order, the same on every process.
-        return DistributedSamplerWrapper(sampler, shuffle=False, **kwargs)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        if not position:
+            return
+        self._resume_at = (int(position["epoch"]), int(position["batches"]))
+        if self._resume_at[1]:
+            rank_zero_info(
+                f"phi2tutor | resuming the training data order at epoch {self._resume_at[0] + 1}, after "
+                f"micro-batch {self._resume_at[1]}"
+            )
+            # The data order is resumable, through this state rather than the loader's (see state_dict).
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
     def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         return collate_examples(examples, self.tokenizer.pad_token_id)

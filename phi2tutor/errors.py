@@ -17,6 +17,20 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     return text[:limit] if limit else text
 
 
+EXPLANATION_ATTRIBUTE = "phi2tutor_explanation"
+
+
+def attach_explanation(error: BaseException, text: str) -> None:
+    """Give a library's error (e.g. CUDA out of memory) our explanation without replacing it: a callback
+    that raised its own error instead would stop Lightning's other exception hooks and the teardown."""
+    setattr(error, EXPLANATION_ATTRIBUTE, text)
+
+
+def explanation(error: BaseException) -> str | None:
+    """The explanation attached to ``error``, if any (the CLI prints it instead of a traceback)."""
+    return getattr(error, EXPLANATION_ATTRIBUTE, None)
+
+
 def check_option(owner: str, name: str, value: object, valid: bool, requirement: str) -> None:
     """Raise a Phi2TutorError naming ``owner``'s option ``name`` when ``valid`` is False.
 

@@ -24,14 +24,16 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
             f"{run_dir} holds no TensorBoard event files (events.out.tfevents.*). Give a run directory "
             "such as lightning_logs/version_0, written by phi2tutor fit."
         )
-    scalars: dict[str, list[tuple[int, float]]] = {}
     for path in files:
         check_event_file(path)
-        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return {tag: sorted(points) for tag, points in scalars.items()}
+    # One accumulator over the directory reads the files in order and honours a resumed run's purge_step:
+    # what the interrupted segment logged after its checkpoint is replaced, not doubled.
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {
+        tag: sorted((e.step, e.value) for e in accumulator.Scalars(tag))
+        for tag in accumulator.Tags()["scalars"]
+    }
 
 
 def read_texts(run_dir: str | Path) -> dict[str, list[tuple[int, str]]]:

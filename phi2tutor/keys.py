@@ -18,6 +18,8 @@ ACCURACY_KEY = "val/answer_accuracy"
 INVALID_RATE_KEY = "val/answer_invalid_rate"
 EVAL_SECONDS_KEY = "val/answer_eval_seconds"
 SAMPLES_KEY = "val/answer_samples"
+CALCULATOR_CALLS_KEY = "val/calculator_calls"
+CALCULATOR_CHANGED_KEY = "val/calculator_changed"
 
 # PhaseDetection.
 PHASE_INDEX_KEY = "phase/index"
@@ -34,3 +36,18 @@ MEMORY_JSON = "memory.json"
 CONFIG_YAML = "config.yaml"
 TRAINER_STATE_JSON = "trainer_state.json"
 ADAPTER_DIR = "adapter"
+# Beside a saved adapter: the TutorModule settings chat, serve and export rebuild the tutor from.
+TUTOR_SETTINGS_JSON = "phi2tutor_adapter.json"
+
+# TensorBoardDashboard: markers drawn on the loss chart, the memory budget line, the HParams tab's metrics.
+PHASE_TRANSITION_MARKER = "markers/phase_transition"
+PLATEAU_STOP_MARKER = "markers/plateau_stop"
+MEMORY_BUDGET_KEY = "budget/memory_mb"
+HPARAM_METRIC_KEYS = {
+    "final_train_loss": "hparams/final_train_loss",
+    "best_val_loss": "hparams/best_val_loss",
+    "last_val_loss": "hparams/last_val_loss",
+    "best_answer_accuracy": "hparams/best_answer_accuracy",
+    "epochs_run": "hparams/epochs_run",
+    "peak_memory_mb": "hparams/peak_memory_mb",
+}

@@ -5,17 +5,18 @@ greedy generation for answer evaluation.
 
 from __future__ import annotations
 
-import math
+import contextlib
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from phi2tutor.errors import Phi2TutorError, check_option
+from phi2tutor.errors import Phi2TutorError, check_option, first_line
 from phi2tutor.keys import (
     ADAPTER_DIR,
     GRAD_NORM_KEY,
@@ -23,23 +24,34 @@ from phi2tutor.keys import (
     LOSS_STEP_KEY,
     LR_KEY,
     TEST_LOSS_KEY,
+    TUTOR_SETTINGS_JSON,
     VAL_LOSS_KEY,
 )
 from phi2tutor.phi2 import PHI2_HUB_ID, PHI2_LORA_TARGETS
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
+
+if TYPE_CHECKING:
+    from phi2tutor.calculator_decoding import CalculatorCounts
 
 Quantization = Literal["none", "nf4", "nf4-double", "int8"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 
 
-def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup from ~0 to 1 over ``warmup_steps``, then cosine down to ``min_lr_ratio``."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, schedule_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warmup + cosine down to ``min_lr_ratio`` of the peak over ``schedule_steps``
+    optimizer steps, then held at that floor (past num_training_steps transformers' cosine would rise
+    again; ``lr_schedule_epochs`` shorter than the run needs the floor)."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, warmup_steps, schedule_steps, min_lr_rate=min_lr_ratio
+    )
+    cosine = scheduler.lr_lambdas[0]
+    scheduler.lr_lambdas[0] = lambda step: cosine(min(step, schedule_steps))
+    return scheduler
 
 
 class TutorModule(LightningModule):
@@ -59,6 +71,8 @@ class TutorModule(LightningModule):
         lora_target_modules: list[str] | None = None,
         modules_to_save: list[str] | None = None,
         gradient_checkpointing: bool = False,
+        embeddings_on_cpu: bool = False,
+        offload_checkpoints: bool = False,
         optimizer: OptimizerName = "adamw",
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
@@ -70,6 +84,8 @@ class TutorModule(LightningModule):
         max_new_tokens: int = 256,
         adapter_output_dir: str | None = None,
         init_seed: int = 0,
+        calculator: bool | None = None,
+        annotated_training_data: bool = False,
     ) -> None:
         """LoRA-adapted Phi-2 for math tutoring.
 
@@ -97,6 +113,11 @@ class TutorModule(LightningModule):
             modules_to_save: Modules trained in full next to LoRA (e.g. ``embed_tokens``, ``lm_head``
                 for a small base that must learn new token uses).
             gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
+            embeddings_on_cpu: Keep the frozen embedding table (embed_tokens) in CPU memory and look up
+                the batch's rows there; only those rows go to the GPU (Phi-2: 250 MB less GPU memory).
+            offload_checkpoints: Keep the checkpointed decoder-layer inputs in pinned CPU memory between
+                the forward and the backward (torch.autograd.graph.save_on_cpu); needs
+                ``gradient_checkpointing`` (Phi-2 at 512 tokens: ~160 MB less, one host round trip per layer).
             optimizer: ``adamw`` (torch, fp32 states), ``adamw8bit`` or ``paged_adamw8bit`` (bitsandbytes).
             learning_rate: Peak learning rate, reached at the end of warmup.
             weight_decay: AdamW weight decay.
@@ -111,6 +132,12 @@ class TutorModule(LightningModule):
             adapter_output_dir: Extra directory that receives the adapter and tokenizer when fit ends
                 (e.g. ``models/phi2-matematicas-tutor``); the run directory always gets one.
             init_seed: Seed of the random initialisation of a ``model_config`` model.
+            calculator: Decode with the calculator: after ``<<expr=`` the result and ``>>`` are forced
+                (GSM8K's annotations; phi2tutor.calculator). Default: on when the tutor was trained with
+                annotations, as recorded in ``adapter_path``'s phi2tutor_adapter.json, else as
+                ``annotated_training_data`` says.
+            annotated_training_data: The training data carries calculator annotations (the CLI links it to
+                data.keep_calculator_annotations and the generator's calculator_annotations).
         """
         super().__init__()
         for name, value, valid, requirement in (
@@ -131,12 +158,25 @@ class TutorModule(LightningModule):
             ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "a positive integer"),
         ):
             check_option("model", name, value, valid, requirement)
+        if offload_checkpoints and not gradient_checkpointing:
+            raise Phi2TutorError(
+                "model.offload_checkpoints keeps the checkpointed layer inputs in CPU memory: it needs "
+                "model.gradient_checkpointing: true (without checkpointing there are no such inputs to move)."
+            )
+        if embeddings_on_cpu and "embed_tokens" in (modules_to_save or []):
+            raise Phi2TutorError(
+                "model.embeddings_on_cpu keeps a frozen embedding table in CPU memory, but "
+                "model.modules_to_save trains embed_tokens: drop one of the two."
+            )
         self.save_hyperparameters()
         self.lora_target_modules = list(lora_target_modules or PHI2_LORA_TARGETS)
         self.model: torch.nn.Module | None = None
         self.tokenizer = None
         self.attention_implementation: str | None = None
         self.memory_estimate = None  # set when a Trainer runs: the planner's estimate for this config
+        # What the calculator did in the latest generate() call (None: it was off).
+        self.last_calculator_counts: CalculatorCounts | None = None
+        self._equals_token_ids: frozenset[int] | None = None
         # Checkpoints hold only trainable weights: the frozen base is loaded from its source.
         self.strict_loading = False
 
@@ -183,6 +223,10 @@ class TutorModule(LightningModule):
             trust_remote_code=hp.trust_remote_code,
             init_seed=hp.init_seed,
         )
+        if hp.embeddings_on_cpu:
+            from phi2tutor.offload import keep_embeddings_on_host
+
+            keep_embeddings_on_host(base)
         for module in base.modules():
             # bitsandbytes 0.50 repacks 4-bit weights for AVX512-BF16 CPUs at the first eval forward (e.g.
             # validation), after which a training forward fails in place on the bias; keep the training layout.
@@ -202,11 +246,14 @@ class TutorModule(LightningModule):
             target_modules=self.lora_target_modules,
             modules_to_save=hp.modules_to_save,
         )
+        # from_pretrained returns the model in eval mode and Lightning (2.2+) keeps submodules' modes: in
+        # eval mode transformers skips gradient checkpointing and every dropout is off.
+        self.model.train()
         self._print_summary()
 
     def _print_summary(self) -> None:
-        total = sum(p.numel() * _packed_factor(p) for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # peft counts a bitsandbytes 4-bit element as the two weights it packs.
+        trainable, total = self.model.get_nb_trainable_parameters()
         precision = getattr(self._trainer, "precision", "n/a") if self._trainer is not None else "n/a"
         rank_zero_info(
             f"phi2tutor | model {self.model_source} | parameters {total / 1e6:,.2f}M total, "
@@ -259,30 +306,62 @@ class TutorModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def target_token_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens, with the LM head applied to those positions only.
+    def target_token_loss(self, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over answer tokens (``mean`` or ``sum``), with the LM head applied to those
+        positions only.
 
         The full-vocabulary logits of every position (fp32 for the loss) are the largest buffer of a
         Phi-2 step at seq 512; the prompt and padding positions never need them.
         """
         base = self.model.get_base_model()
-        hidden = base.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
-            use_cache=False,
-        ).last_hidden_state
+        with self._checkpoint_offload():
+            hidden = base.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch.get("position_ids"),
+                use_cache=False,
+            ).last_hidden_state
         targets = batch["labels"][:, 1:]
         is_target = targets != -100
         logits = base.lm_head(hidden[:, :-1][is_target])
-        return F.cross_entropy(logits.float(), targets[is_target])
+        return F.cross_entropy(logits.float(), targets[is_target], reduction=reduction)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.target_token_loss(batch)
+    def _checkpoint_offload(self):
+        """The block in which saved tensors wait in CPU memory (``offload_checkpoints``), else a no-op."""
+        from phi2tutor import offload
+
+        if self.hparams.offload_checkpoints and torch.is_grad_enabled():
+            return offload.saved_tensors_on_host(self.device)
+        return contextlib.nullcontext()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """The micro-batch's share of its optimizer step's token-mean loss.
+
+        An optimizer step's loss is the sum of the token losses of all its micro-batches (on all
+        processes) over their total target tokens, as one large batch would have it, so every answer
+        token weighs the same whatever the micro-batch, accumulation and process count (transformers'
+        Trainer does the same with num_items_in_batch). The sampler tags each batch with that total
+        (``step_target_tokens``). Lightning divides the returned loss by accumulate_grad_batches (also
+        for an epoch's shorter last step) and DDP averages gradients over processes: both are multiplied
+        back here. The logged train/loss stays this micro-batch's own per-token mean.
+        """
+        loss_sum = self.target_token_loss(batch, reduction="sum")
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        token_mean = loss_sum / tokens
+        step_tokens = batch.get("step_target_tokens")
+        if step_tokens is None:  # a loader without the tag: each micro-batch weighs the same
+            objective = token_mean
+        else:
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+            objective = loss_sum * scale / step_tokens
         batch_size = batch["input_ids"].shape[0]
-        self.log(LOSS_STEP_KEY, loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        self.log(LOSS_EPOCH_KEY, loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
-        return loss
+        self.log(
+            LOSS_STEP_KEY, token_mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
+        )
+        self.log(
+            LOSS_EPOCH_KEY, token_mean, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size
+        )
+        return {"loss": objective, "token_mean_loss": token_mean.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.target_token_loss(batch)
@@ -301,10 +380,12 @@ class TutorModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Lightning unscales 16-mixed gradients before this hook and clips after it: this is the
         # true total norm before clipping.
-        grads = [p.grad.detach().float().norm(2) for p in self.trainable_parameters() if p.grad is not None]
+        # Not lightning.pytorch.utilities.grad_norm: it builds a dict of per-parameter norms and copies each
+        # to the host to total them; this is the one total, on the device.
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         if not grads:
             return
-        grad_norm = torch.linalg.vector_norm(torch.stack(grads))
+        grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if torch.isfinite(grad_norm):  # an fp16 overflow step is skipped by the scaler; don't plot inf
             self.log(GRAD_NORM_KEY, grad_norm, on_step=True, on_epoch=False)
 
@@ -324,9 +405,7 @@ class TutorModule(LightningModule):
         if hp.lr_schedule_epochs is not None and max_epochs and max_epochs > 0:
             total_steps = max(1, round(total_steps * min(1.0, hp.lr_schedule_epochs / max_epochs)))
         warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine_factor(step, warmup, total_steps, hp.min_lr_ratio)
-        )
+        scheduler = warmup_cosine_schedule(optimizer, warmup, total_steps, hp.min_lr_ratio)
         # The name is the TensorBoard key LearningRateMonitor logs under.
         return {
             "optimizer": optimizer,
@@ -335,6 +414,10 @@ class TutorModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints and adapters
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What was logged up to this checkpoint reaches the event file now: after a crash the resumed run
+        # continues from here (TensorBoard's writer would otherwise hold up to two minutes of events).
+        for logger in self.trainer.loggers:
+            logger.save()
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
@@ -370,26 +453,94 @@ class TutorModule(LightningModule):
         return directories
 
     def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """Save the LoRA adapter (safetensors) and the tokenizer with peft/transformers' own writers."""
+        """Save the LoRA adapter (safetensors) and the tokenizer with peft/transformers' own writers, and
+        phi2tutor_adapter.json: how this tutor decodes (the calculator) and what it was trained on."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
+        # What chat, serve and export need to rebuild this tutor from the directory alone, with the
+        # calculator setting resolved (None means "as the data says": written down as what it decided).
+        from phi2tutor.tutor import write_tutor_settings
+
+        settings = dict(self.hparams)
+        settings["calculator"] = self.calculator_enabled
+        settings["annotated_training_data"] = self.trained_with_annotations
+        write_tutor_settings(directory, settings)
         rank_zero_info(f"phi2tutor | adapter and tokenizer saved to {directory}")
         return directory
+
+    # ------------------------------------------------------------------ calculator
+    def adapter_record(self) -> dict[str, Any]:
+        """phi2tutor_adapter.json of ``adapter_path`` ({} without an adapter or without that file)."""
+        if not self.hparams.adapter_path:
+            return {}
+        path = Path(self.hparams.adapter_path) / TUTOR_SETTINGS_JSON
+        if not path.is_file():
+            return {}
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise Phi2TutorError(
+                f"{path} is not readable JSON ({first_line(error)}). It is written beside a saved adapter by "
+                "phi2tutor; fix or delete it, or set model.calculator explicitly."
+            ) from None
+        if not isinstance(record, dict):
+            return {}
+        # phi2tutor.tutor.write_tutor_settings keeps the settings under "tutor".
+        return record.get("tutor", record) if isinstance(record.get("tutor", record), dict) else {}
+
+    @property
+    def trained_with_annotations(self) -> bool:
+        """Whether this tutor's training data carried calculator annotations (this run's data, or the
+        loaded adapter's record)."""
+        record = self.adapter_record()
+        recorded = record.get("annotated_training_data", record.get("keep_calculator_annotations"))
+        return bool(self.hparams.annotated_training_data or recorded)
+
+    @property
+    def calculator_enabled(self) -> bool:
+        """model.calculator when set; else the loaded adapter's record; else whether the data is annotated."""
+        if self.hparams.calculator is not None:
+            return bool(self.hparams.calculator)
+        recorded = self.adapter_record().get("calculator")
+        if recorded is not None:
+            return bool(recorded)
+        return bool(self.hparams.annotated_training_data)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(
-        self, questions: list[str], max_new_tokens: int | None = None, batch_size: int = 16
+        self,
+        questions: list[str],
+        max_new_tokens: int | None = None,
+        batch_size: int = 16,
+        calculator: bool | None = None,
+        **generate_kwargs: Any,
     ) -> list[str]:
         """Greedy answers to ``questions``: batched, left-padded, KV-cached, stopped at EOS.
 
-        Returns only the new text of each answer, in the order of ``questions``.
+        With the calculator (``calculator``; default ``calculator_enabled``) every ``<<expr=`` a row writes
+        is completed by phi2tutor.calculator; what it did is in ``last_calculator_counts``.
+        Returns only the new text of each answer, in the order of ``questions``. ``generate_kwargs`` go to
+        transformers' ``generate`` (sampling, a streamer, stopping criteria: chat and serve use them);
+        batches run in order of prompt length.
         """
         if self.model is None:
             self.configure_model()
+        from transformers import LogitsProcessorList
+
+        from phi2tutor.calculator_decoding import (
+            CalculatorCounts,
+            CalculatorLogitsProcessor,
+            equals_token_ids,
+        )
+
         max_new_tokens = max_new_tokens or self.hparams.max_new_tokens
+        use_calculator = self.calculator_enabled if calculator is None else calculator
+        counts = CalculatorCounts() if use_calculator else None
+        if use_calculator and self._equals_token_ids is None:
+            self._equals_token_ids = equals_token_ids(self.tokenizer)
         tokenizer = self.tokenizer
         prompts = [format_prompt(self.hparams.prompt_template, q) for q in questions]
         # Similar lengths in a batch waste less compute on padding.
@@ -404,23 +555,28 @@ class TutorModule(LightningModule):
                 indices = order[start : start + batch_size]
                 encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
                 encoded = {k: v.to(self.device) for k, v in encoded.items()}
-                output = self.model.generate(
-                    **encoded,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
+                processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+                if counts is not None:
+                    processor = CalculatorLogitsProcessor(
+                        tokenizer, encoded["input_ids"].shape[1], self._equals_token_ids
+                    )
+                    processors.append(processor)
+                options = {
+                    "max_new_tokens": max_new_tokens,
+                    "do_sample": False,
+                    "use_cache": True,
+                    "eos_token_id": tokenizer.eos_token_id,
+                    "pad_token_id": tokenizer.pad_token_id,
+                    **generate_kwargs,
+                }
+                output = self.model.generate(**encoded, logits_processor=processors, **options)
                 new_tokens = output[:, encoded["input_ids"].shape[1] :]
                 for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
                     answers[i] = text.strip()
+                if counts is not None:
+                    counts.add(processor.counts)
         finally:
             tokenizer.padding_side = previous_side
             self.model.train(was_training)
+        self.last_calculator_counts = counts
         return answers
-
-
-def _packed_factor(parameter: torch.Tensor) -> int:
-    # bitsandbytes packs two 4-bit weights per uint8 element.
-    return 2 if parameter.dtype == torch.uint8 else 1

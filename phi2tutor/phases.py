@@ -1,7 +1,26 @@
-"""Loss-trend analysis of a training run: learning-phase segmentation and plateau tests.
+"""Loss-trend analysis of a training run: learning-phase segmentation, the trend test and plateau tests.
 
 Pure functions on plain Python/numpy data, no Lightning import. The PhaseDetection and PlateauStopping
 callbacks and the training report all call these, so the online and offline answers are the same.
+
+The evidence test. A phase boundary is named only where the change in improvement rate stands clearly
+above the curve's own noise:
+
+- the noise is the series' relative point-to-point scatter, estimated robustly from its second
+  differences: ``noise = median(|y[i-1] - 2 y[i] + y[i+1]| / |y[i]|) / (0.6745 * sqrt(6))`` over the
+  values seen so far (for independent noise of relative size s, a second difference has standard deviation
+  ``sqrt(6) s``; 0.6745 turns a median absolute value into a standard deviation; a smooth curve's second
+  differences are its curvature, which only makes the test stricter);
+- the standard error of one window's improvement rate (the least-squares slope over ``window`` points,
+  relative to the fitted level) is ``noise / sqrt(window (window^2 - 1) / 12)``;
+- a boundary needs the peak rate to exceed ``EVIDENCE_Z`` standard errors (the fast improvement was real)
+  and the fall from the peak to the current rate to exceed ``EVIDENCE_Z * sqrt(2)`` standard errors (the
+  slow-down is real), besides the rate being under the phase's fraction of the peak;
+- a later boundary comes at least ``window`` checks after the previous one, so every phase has a window of
+  its own (no phase of a single point).
+
+Without a boundary the series is described by ``describe_trend``: it fell, it rose, or it stayed flat within
+its noise (compared by the medians of its first and last tenth), or it is too short to tell.
 """
 
 from __future__ import annotations
@@ -25,6 +44,13 @@ MODES = ("min", "max")
 DEFAULT_PHASE_WINDOW = 15
 DEFAULT_FINE_TUNING_BELOW = 0.4
 DEFAULT_STABILIZATION_BELOW = 0.08
+
+EVIDENCE_Z = 4.0
+"""Standard errors a rate (and its fall from the peak) must exceed before a boundary is named: 4 keeps pure
+noise from making phases even over a few hundred overlapping windows (the module docstring has the test)."""
+
+MIN_TREND_POINTS = 5
+"""Fewer logged points than this and ``describe_trend`` says only that there are too few to tell."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +122,9 @@ class PhaseTransition:
         improvement_rate: the relative improvement per check at ``boundary`` (see ``improvement_rate``).
         peak_improvement_rate: the fastest improvement rate seen up to ``boundary``.
         threshold: the fraction of the peak the rate fell below.
+        rate_standard_error: the standard error of one window's rate at ``boundary`` (from the noise seen
+            so far, see the module docstring): the fall from the peak exceeded ``EVIDENCE_Z * sqrt(2)`` of
+            these.
     """
 
     phase_index: int
@@ -105,6 +134,7 @@ class PhaseTransition:
     improvement_rate: float
     peak_improvement_rate: float
     threshold: float
+    rate_standard_error: float | None = None
 
 
 def relative_improvement(values: Sequence[float], window: int, mode: str = "min") -> float | None:
@@ -160,6 +190,84 @@ def is_plateau(values: Sequence[float], window: int, min_rel_improvement: float,
     """
     improvement = relative_improvement(values, window, mode)
     return improvement is not None and not math.isnan(improvement) and improvement < min_rel_improvement
+
+
+def relative_noise(values: Sequence[float]) -> float:
+    """The series' relative point-to-point noise, from its second differences (module docstring).
+
+    Non-finite points and points at 0 are skipped; 0.0 when no three consecutive usable points exist.
+    """
+    array = np.asarray(values, dtype=np.float64)
+    if len(array) < 3:
+        return 0.0
+    before, middle, after = array[:-2], array[1:-1], array[2:]
+    usable = np.isfinite(before) & np.isfinite(middle) & np.isfinite(after) & (middle != 0)
+    if not np.any(usable):
+        return 0.0
+    second = np.abs(before[usable] - 2 * middle[usable] + after[usable]) / np.abs(middle[usable])
+    return float(np.median(second)) / (0.6745 * math.sqrt(6))
+
+
+def rate_standard_error(noise: float, window: int) -> float:
+    """Standard error of a window's relative improvement rate for a series of relative noise ``noise``."""
+    return noise / math.sqrt(window * (window * window - 1) / 12)
+
+
+@dataclass(frozen=True)
+class Trend:
+    """What a whole series did, judged against its own noise (``describe_trend``).
+
+    Attributes:
+        kind: ``"fell"``, ``"rose"``, ``"flat"`` (the head and tail medians differ by less than
+            ``EVIDENCE_Z`` standard errors) or ``"too_few_points"`` (under ``MIN_TREND_POINTS``).
+        points: finite points the judgement used.
+        head: median of the first ``edge_points`` finite points (None when too few).
+        tail: median of the last ``edge_points`` finite points: the smoothed final value.
+        edge_points: points in each median: a tenth of the series, at least 1.
+        noise: relative noise of the series (``relative_noise``).
+        change_pct: ``(head - tail) / |head|`` in percent (positive: fell).
+        standard_error_pct: standard error of that change, in percent of the head.
+    """
+
+    kind: str
+    points: int
+    head: float | None
+    tail: float | None
+    edge_points: int
+    noise: float
+    change_pct: float | None
+    standard_error_pct: float | None
+
+
+def edge_points(count: int) -> int:
+    """Points in the head and tail medians of a series of ``count`` points: a tenth, at least one."""
+    return max(1, math.ceil(count / 10))
+
+
+def describe_trend(values: Sequence[float]) -> Trend:
+    """Whether a loss fell, rose or stayed flat within its noise, from the medians of its first and last
+    tenth: the change counts when it exceeds ``EVIDENCE_Z`` standard errors (a median of k points has a
+    standard error of about 1.25 noise / sqrt(k))."""
+    finite = [float(v) for v in values if math.isfinite(v)]
+    count = edge_points(len(finite))
+    noise = relative_noise(finite)
+    if len(finite) < MIN_TREND_POINTS:
+        return Trend(
+            "too_few_points", len(finite), None, finite[-1] if finite else None, count, noise, None, None
+        )
+    head = float(np.median(finite[:count]))
+    tail = float(np.median(finite[-count:]))
+    if head == 0.0:
+        return Trend("flat" if tail == 0.0 else "rose", len(finite), head, tail, count, noise, None, None)
+    change = (head - tail) / abs(head)
+    error = 1.25 * noise * math.sqrt(2 / count)
+    if change > EVIDENCE_Z * error:
+        kind = "fell"
+    elif -change > EVIDENCE_Z * error:
+        kind = "rose"
+    else:
+        kind = "flat"
+    return Trend(kind, len(finite), head, tail, count, noise, 100 * change, 100 * error)
 
 
 class PhaseTracker:
@@ -237,8 +345,19 @@ class PhaseTracker:
             self.peak_improvement_rate = rate
         if self.phase_index == len(PHASE_NAMES) - 1 or self.peak_improvement_rate <= 0:
             return None
+        if (
+            self.boundaries
+            and len(self.positions) - 1 - self.positions.index(self.boundaries[-1]) < self.window
+        ):
+            return None
         threshold = (self.fine_tuning_below, self.stabilization_below)[self.phase_index]
         if rate >= threshold * self.peak_improvement_rate:
+            return None
+        standard_error = rate_standard_error(relative_noise(self.values), self.window)
+        if not (
+            self.peak_improvement_rate > EVIDENCE_Z * standard_error
+            and self.peak_improvement_rate - rate > EVIDENCE_Z * math.sqrt(2) * standard_error
+        ):
             return None
         transition = PhaseTransition(
             phase_index=self.phase_index + 1,
@@ -248,6 +367,7 @@ class PhaseTracker:
             improvement_rate=rate,
             peak_improvement_rate=self.peak_improvement_rate,
             threshold=threshold,
+            rate_standard_error=standard_error,
         )
         self.boundaries.append(int(position))
         self.transitions.append(transition)

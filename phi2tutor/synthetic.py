@@ -7,6 +7,7 @@ Problems come in English or Spanish, with a short step-by-step solution that end
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -200,6 +201,9 @@ class SyntheticSpec:
     """How many different person names to use (None: all 16)."""
     object_count: int | None = None
     """How many different objects to use (None: all 16)."""
+    calculator_annotations: bool = False
+    """Write each step with a GSM8K calculator annotation, "7 * 12 = <<7*12=84>>84", so that a tutor trained
+    on them calls the calculator at decoding time (TutorModule's calculator option)."""
     seed: int = 0
     """Random seed: the same seed and settings give the same problems."""
 
@@ -214,11 +218,14 @@ def generate_problems(
     two_step_share: float = 0.0,
     name_count: int | None = None,
     object_count: int | None = None,
+    calculator_annotations: bool = False,
 ) -> list[dict[str, str]]:
     """Return ``n`` distinct word problems as ``{"question", "answer"}`` rows, deterministically.
 
-    The answer is one line per step ("7 + 5 = 12") and a final "#### 12"; every intermediate
-    and final value is non-negative (subtraction never goes below zero).
+    The answer is one line per step ("7 + 5 = 12", or "7 + 5 = <<7+5=12>>12" with
+    ``calculator_annotations``) and a final "#### 12"; every intermediate and final value is
+    non-negative (subtraction never goes below zero). The annotations change only the answer text:
+    the same seed gives the same questions and numbers with and without them.
     """
     _check_knobs(language, max_operand, operations, two_step_share, name_count, object_count)
     rng = random.Random(seed)
@@ -251,6 +258,8 @@ def generate_problems(
             problem = _one_step_problem(rng, language, max_operand, rng.choice(operations), names, objects)
         if problem["question"] not in seen_questions:
             seen_questions.add(problem["question"])
+            if calculator_annotations:
+                problem["answer"] = annotate_steps(problem["answer"])
             problems.append(problem)
     return problems
 
@@ -274,6 +283,7 @@ def generate_splits(spec: SyntheticSpec) -> dict[str, list[dict[str, str]]]:
         two_step_share=spec.two_step_share,
         name_count=spec.name_count,
         object_count=spec.object_count,
+        calculator_annotations=spec.calculator_annotations,
     )
     splits: dict[str, list[dict[str, str]]] = {}
     start = 0
@@ -281,6 +291,14 @@ def generate_splits(spec: SyntheticSpec) -> dict[str, list[dict[str, str]]]:
         splits[split] = problems[start : start + sizes[split]]
         start += sizes[split]
     return {split: splits[split] for split in SPLIT_NAMES}
+
+
+_STEP = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$", re.MULTILINE)
+
+
+def annotate_steps(answer: str) -> str:
+    """ "7 * 12 = 84" lines written GSM8K's way, "7 * 12 = <<7*12=84>>84"; the "####" line is left as it is."""
+    return _STEP.sub(lambda m: f"{m[1]} {m[2]} {m[3]} = <<{m[1]}{m[2]}{m[3]}={m[4]}>>{m[4]}", answer)
 
 
 def final_answer(answer: str) -> int:

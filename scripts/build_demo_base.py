@@ -13,7 +13,6 @@ the demo, as it is on the real Phi-2. The result is saved in bfloat16 with the b
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 
+from phi2tutor.model import warmup_cosine_schedule
 from phi2tutor.synthetic import NAMES, OBJECTS
 from phi2tutor.tokenizer import (
     DEFAULT_VOCAB_SIZE,
@@ -179,13 +179,9 @@ def main() -> None:
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))
 
-    def lr_factor(step: int) -> float:
-        if step < args.warmup_steps:
-            return (step + 1) / args.warmup_steps
-        progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))  # cosine down to 10% of peak
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    # The fine-tuning schedule (transformers' warmup + cosine), down to 10% of peak. The shipped base was
+    # built with a hand-written copy whose warmup started one step higher.
+    scheduler = warmup_cosine_schedule(optimizer, args.warmup_steps, args.steps, min_lr_ratio=0.1)
     model.train()
     started = time.perf_counter()
     running_loss = 0.0

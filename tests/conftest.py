@@ -69,3 +69,11 @@ def write_yaml(path: Path, config: dict) -> Path:
 @pytest.fixture
 def tiny_yaml(tmp_path: Path) -> Path:
     return write_yaml(tmp_path / "tiny.yaml", tiny_config(tmp_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_tutor_run(tmp_path_factory) -> Path:
+    """A trained tutor's run directory, shared by the chat, serve and export tests (tests/tutor_run.py)."""
+    from tests.tutor_run import train_tiny_tutor
+
+    return train_tiny_tutor(tmp_path_factory.mktemp("tutor"))

@@ -73,8 +73,8 @@ class RecordRank(Callback):
                 "epoch": trainer.current_epoch,
                 "batch_idx": batch_idx,
                 "example_ids": batch["example_ids"].tolist(),
-                # Lightning hands on the loss divided by the accumulation factor (what backward saw).
-                "loss": float(outputs["loss"]) * trainer.accumulate_grad_batches,
+                # The micro-batch's own token-mean loss (what train/loss logs), next to the step's objective.
+                "loss": float(outputs["token_mean_loss"]),
                 "global_step": trainer.global_step,
                 "allreduces": len(ALLREDUCE_BUCKETS),
                 "reduced_elements": sum(ALLREDUCE_BUCKETS),
@@ -478,12 +478,40 @@ def test_fit_resumes_from_the_ddp_checkpoint_on_two_processes(
     )
     config_path = write_yaml(tmp_path / "resume.yaml", config)
     run_cli("fit", "--config", str(config_path), "--ckpt_path", str(checkpoint), cwd=tmp_path)
-    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    run_dir = checkpoint.parent.parent  # the resumed run continues the run's own directory
+    assert not (tmp_path / "lightning_logs").exists()
     scalars = read_scalars(run_dir)
     steps = [step for step, _ in scalars["train/loss"]]
-    assert min(steps) >= saved["global_step"]  # the first logged step continues the saved count
-    epochs_trained = len(scalars["train/loss_epoch"])
+    assert len(steps) == len(set(steps))  # one history: no step logged twice
+    epochs_trained = len(scalars["train/loss_epoch"]) - STOP_EPOCH
     assert epochs_trained >= 1
     steps_per_epoch = TRAIN_SIZE // (WORLD_SIZE * MICRO_BATCH * ACCUMULATION)
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == saved["global_step"] + epochs_trained * steps_per_epoch
+
+
+def test_predict_on_two_processes_writes_every_question_once_in_input_order(
+    ddp_run: dict[str, Any], tmp_path: Path
+) -> None:
+    # 5 questions in batches of 2 on 2 processes: uneven shards, which Lightning pads with a repeat.
+    questions = [f"Ana has {n} apples and buys 2 more. How many apples does she have?" for n in range(5)]
+    questions_path = tmp_path / "questions.jsonl"
+    questions_path.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    output = tmp_path / "predictions.jsonl"
+    adapter = ddp_run["run_dirs"][0] / "adapter"
+    config = tiny_config(
+        tmp_path,
+        trainer=ddp_trainer(),
+        model=model_section(ddp_run["base_dir"], adapter_path=str(adapter), max_new_tokens=4),
+        data={"predict_path": str(questions_path), "batch_size": 2},
+    )
+    run_cli(
+        "predict",
+        "--config",
+        str(write_yaml(tmp_path / "predict.yaml", config)),
+        "--trainer.callbacks+=callbacks.predictions.PredictionWriter",
+        f"--trainer.callbacks.output_path={output}",
+        cwd=tmp_path,
+    )
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["question"] for row in rows] == questions

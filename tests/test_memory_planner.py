@@ -29,7 +29,7 @@ from phi2tutor.memory import (
     plan_from_config_dict,
     quantized_linear_bytes,
 )
-from tests.conftest import REPO, write_yaml
+from tests.conftest import REPO, tiny_config, write_yaml
 
 # Odd sizes on purpose: 96*96/64 = 144 absmax blocks (a partial second-level block of 256).
 SMALL_PHI = {
@@ -298,6 +298,7 @@ def test_saved_activations_equal_what_autograd_keeps(
     planned = sum(
         nb for name, nb in kept if name.startswith(("activations of", "rotary cos", "final layernorm"))
     )
+    planned -= seq * 8  # the int64 position ids the planner counts with cos/sin: held, not saved by autograd
     if compute_dtype == "float16":
         # The CPU's layer_norm keeps mean/rstd in fp16; CUDA (the planned device) keeps fp32.
         layer_norms_with_grad = SMALL_PHI["num_hidden_layers"]  # layers 1.. and the final norm
@@ -342,15 +343,77 @@ def test_plan_json_on_the_4gb_config_fits_4096(capsys) -> None:
     assert plan["settings"]["attention"] == "phi2tutor_fp32_scores"  # TutorModule's fp16 default
 
 
-def test_plan_table_and_yaml_errors(tmp_path: Path, capsys) -> None:
+def test_plan_table_and_budget(capsys) -> None:
     assert main_plan(["--config", str(PHI2_CONFIG), "--budget_mb", "2048"]) == 0
     table = capsys.readouterr().out
     assert "DOES NOT FIT" in table and "Budget 2048 MB" in table and "Largest micro-batch" in table
-    bad = write_yaml(tmp_path / "bad.yaml", {"model": {"model_config": SMALL_PHI, "quantization": "nf3"}})
-    with pytest.raises(Phi2TutorError, match=r"bad\.yaml.*quantization 'nf3'"):
+
+
+@pytest.mark.parametrize("budget", ["-5", "0"])
+def test_plan_rejects_a_budget_that_is_not_positive(budget: str) -> None:
+    with pytest.raises(Phi2TutorError, match=rf"--budget_mb {budget}: a memory budget must be a positive"):
+        main_plan(["--config", str(PHI2_CONFIG), "--budget_mb", budget])
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"quantization": "nf3"}, "quantization"),
+        ({"lora_rank": 4}, "lora_rank"),  # fit rejects keys TutorModule does not have; so does plan
+        ({"loss_token_fraction": 0.5}, "loss_token_fraction"),
+    ],
+)
+def test_plan_rejects_what_fit_rejects(tmp_path: Path, capsys, model: dict, message: str) -> None:
+    bad = write_yaml(tmp_path / "bad.yaml", {"model": {"model_config": SMALL_PHI, **model}})
+    with pytest.raises(SystemExit) as exit_info:
         main_plan(["--config", str(bad)])
-    with pytest.raises(Phi2TutorError, match="Cannot read"):
-        main_plan(["--config", str(tmp_path / "missing.yaml")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_plan_without_a_model_section_plans_phi2_under_its_name(tmp_path: Path, capsys) -> None:
+    config = write_yaml(tmp_path / "data-only.yaml", {"data": {"batch_size": 1, "max_length": 256}})
+    assert main_plan(["--config", str(config), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model_name"] == "microsoft/phi-2"
+    assert plan["model"]["hidden_size"] == 2560 and plan["settings"]["max_length"] == 256
+    assert plan["budget_mb"] == 4096  # no GPUMemoryProfiler in the config: the default budget
+
+
+def test_plan_gives_fits_estimate_with_overrides_and_linked_arguments(tmp_path: Path, capsys) -> None:
+    """`plan` and `fit` on the same config and command-line overrides: the same estimate, the same budget."""
+    from phi2tutor.cli import main
+    from phi2tutor.memory.plan_command import parse_fit_config
+
+    config = tiny_config(
+        tmp_path,
+        trainer={
+            "max_steps": 1,
+            "limit_val_batches": 0,
+            "callbacks": [
+                {"class_path": "callbacks.memory.GPUMemoryProfiler", "init_args": {"budget_mb": 512}}
+            ],
+        },
+    )
+    path = write_yaml(tmp_path / "fit.yaml", config)
+    overrides = [
+        "--data.batch_size", "3",
+        "--model.lora_r", "2",
+        "--trainer.accumulate_grad_batches", "2",
+        "--data.prompt_template", "Q: {question}\nA:",
+    ]  # fmt: skip
+    assert main_plan(["--config", str(path), "--json", *overrides]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    model, data, _ = parse_fit_config(["--config", str(path), *overrides])
+    assert model.hparams.prompt_template == data.hparams.prompt_template == "Q: {question}\nA:"  # linked
+    main(["fit", "--config", str(path), *overrides])
+    run_dir = max((tmp_path / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
+    fitted = json.loads((run_dir / "memory.json").read_text())["estimate"]
+    assert plan["settings"]["micro_batch"] == 3 and plan["settings"]["lora_r"] == 2
+    assert plan["settings"]["accumulate_grad_batches"] == 2
+    assert plan["budget_mb"] == 512  # the profiler's budget in the config
+    plan.pop("max_micro_batch")
+    assert plan == fitted
 
 
 def test_plan_from_lightning_cli_style_config() -> None:
@@ -417,3 +480,52 @@ def test_estimate_is_close_to_measured_peak_on_gpu(tmp_path: Path) -> None:
     record = json.loads((Path(trainer.log_dir) / "memory.json").read_text())
     measured = record["max_allocated_mb"]
     assert measured == pytest.approx(module.memory_estimate.estimated_peak_allocated_mb, rel=0.2)
+
+
+# --------------------------------------------------------------------------- term functions vs tracked bytes
+def test_kept_activation_terms_equal_the_tracked_live_bytes_after_a_checkpointed_forward(
+    tmp_path: Path,
+) -> None:
+    """After the decoder's forward with gradient checkpointing, what stays alive (counted by the live-tensor
+    tracker) is exactly the planner's kept activations, final-norm and last-hidden-state terms."""
+    from phi2tutor.memory.tracker import LiveTensorBytes
+
+    shape = {**SMALL_PHI, "resid_pdrop": 0.0}
+    model = load_like_phi2(tiny_saved_model(tmp_path, shape), "nf4-double", "float32")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = with_lora(model, r=4)
+    model.train()
+    batch, seq = 2, 24
+    input_ids = torch.randint(0, shape["vocab_size"], (batch, seq))
+    weights = [*model.parameters(), *model.buffers()]
+    tracker = LiveTensorBytes(baseline=weights)
+    with tracker:
+        hidden = (
+            model.get_base_model()
+            .model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+            .last_hidden_state
+        )
+    live = tracker.live_bytes
+    estimate = estimate_memory(
+        shape,
+        quantization="nf4-double",
+        compute_dtype="float32",
+        precision="32-true",
+        lora_r=4,
+        lora_dropout=0.0,
+        optimizer="adamw",
+        micro_batch=batch,
+        max_length=seq,
+        gradient_checkpointing=True,
+        attention="eager",
+    )
+    groups = dict(estimate.phase_groups["loss forward"])
+    planned = sum(
+        nb for name in ("kept_activations", "final_norm_kept", "head_forward") for _, nb in groups[name]
+    )
+    assert hidden.requires_grad
+    assert live == planned
+    # the term functions' parts: one checkpointed input per layer, fp32 (no autocast)
+    kept = dict(groups["kept_activations"])
+    assert kept["checkpointed decoder layer inputs"] == shape["num_hidden_layers"] * batch * seq * 96 * 4

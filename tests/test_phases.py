@@ -10,12 +10,14 @@ from phi2tutor.errors import Phi2TutorError
 from phi2tutor.phases import (
     PHASE_NAMES,
     PhaseTracker,
+    describe_trend,
     detect_phases,
     improvement_rate,
     improvement_rates,
     is_plateau,
     phase_index_of,
     relative_improvement,
+    relative_noise,
     summarize_phases,
 )
 from tests.reference_run import (
@@ -141,7 +143,8 @@ def test_rising_metric_in_max_mode():
 
     analysis = detect_phases(accuracy, window=5, mode="max")
 
-    assert analysis.boundaries == (6, 10)
+    # The second boundary waits a full window after the first (no phase shorter than a window).
+    assert analysis.boundaries == (6, 11)
     assert analysis.phases[0].improvement_pct > 0
     assert analysis.total_improvement_pct == pytest.approx(100 * (accuracy[-1] - 0.1) / 0.1)
 
@@ -203,3 +206,28 @@ def test_summarize_rejects_bad_boundaries(boundaries, message):
 def test_bad_phase_options_name_the_option_and_range(options, message):
     with pytest.raises(Phi2TutorError, match=message):
         PhaseTracker(**options)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pure_noise_has_no_phases_and_a_flat_trend(seed):
+    import numpy as np
+
+    at_chance = list(np.log(4) * (1 + 0.01 * np.random.default_rng(seed).standard_normal(400)))
+
+    assert detect_phases(at_chance).boundaries == ()
+    assert describe_trend(at_chance).kind == "flat"
+
+
+def test_trend_of_a_falling_a_rising_and_a_short_series():
+    falling = reference_loss_series(noise=0.01, seed=0)
+    assert describe_trend(falling).kind == "fell"
+    assert describe_trend(falling[::-1]).kind == "rose"
+    assert describe_trend([1.0, 0.9, 0.8]).kind == "too_few_points"
+
+
+def test_noise_estimate_is_the_relative_scatter():
+    import numpy as np
+
+    noisy = list(2.0 * (1 + 0.05 * np.random.default_rng(0).standard_normal(2000)))
+    assert relative_noise(noisy) == pytest.approx(0.05, rel=0.1)
+    assert relative_noise([1.0, 0.5, 0.25, 0.125]) > 0  # curvature counts as scatter: the test gets stricter

@@ -99,8 +99,10 @@ def test_fit_writes_report_with_every_section_and_json_numbers(reported_run: Pat
     missing = numbers_in(markdown) - numbers_of_json(report)
     assert not missing, f"numbers in report.md that report.json lacks: {sorted(missing)}"
     general = report["general"]
-    assert f"| Final loss (last epoch, 3) | {general['final_loss']} |" in markdown
-    assert f"| Mean loss over the run (mean of the epoch losses) | {general['mean_loss']} |" in markdown
+    last = report["loss"]["last"]
+    assert f"- Last logged loss: {last['value']} (step {last['step']}, epoch {last['epoch']:g})" in markdown
+    assert general["final_loss"] == last["value"]
+    assert "### Epoch means (complete epochs)" in markdown
     assert general["epochs_run"] == 3 and general["optimizer_steps"] == 18
     assert general["total_parameters"] > general["trainable_parameters"] > 0
     assert report["stop"]["reason"] == "max_epochs"
@@ -115,8 +117,18 @@ def test_fit_report_numbers_come_from_the_event_files_and_run_json(reported_run:
     scalars = read_scalars(reported_run)
     report = json.loads((reported_run / "report.json").read_text())
     epoch_losses = [value for _, value in scalars["train/loss_epoch"]]
-    assert report["general"]["final_loss"] == round(epoch_losses[-1], 4)
-    assert report["general"]["mean_loss"] == round(float(np.mean(epoch_losses)), 4)
+    step_losses = scalars["train/loss"]
+    assert report["loss"]["first"] == {
+        "value": round(step_losses[0][1], 4),
+        "step": step_losses[0][0],
+        "epoch": report["loss"]["first"]["epoch"],
+    }
+    assert report["general"]["final_loss"] == round(step_losses[-1][1], 4)
+    assert [row["loss"] for row in report["loss"]["epoch_means"]] == [round(v, 4) for v in epoch_losses]
+    # The phases are judged on the epoch means, the series PhaseDetection follows.
+    assert report["phases"]["series"] == "epoch_mean" and report["phases"]["end_loss"] == round(
+        epoch_losses[-1], 4
+    )
     grad_norms = [value for _, value in scalars["train/grad_norm"]]
     assert report["grad_norm"]["peak"] == round(max(grad_norms), 4)
     assert report["learning_rate"]["peak"] == pytest.approx(0.003)
@@ -143,7 +155,7 @@ def test_report_command_on_run_in_spanish_with_json(reported_run: Path, tmp_path
     markdown = (tmp_path / "report.md").read_text()
     for heading in SECTIONS_ES:
         assert heading in markdown, heading
-    assert f"| Pérdida final (última época, 3) | {written['general']['final_loss']} |" in markdown
+    assert f"- Última pérdida registrada: {written['general']['final_loss']} (paso" in markdown
     assert "Llegó a max_epochs (3)." in markdown
     assert (tmp_path / "loss.png").is_file()
 
@@ -160,7 +172,7 @@ def test_report_command_on_run_in_spanish_with_json(reported_run: Path, tmp_path
                 "Improvement within the phase: 11.49%",
                 "Total loss reduction: 97.82% (from 2.6141 at epoch 1 to 0.057 at epoch 250)",
                 "Share of the total loss reduction: 98.18%",
-                "| Final loss (last epoch, 250) | 0.057 |",
+                "- Last logged loss: 0.057 (step 5000, epoch 250)",
                 "| Mean loss reported by the Trainer (train_loss) | 0.2402 |",
                 "| Duration | 1 day, 8 hours, 33 minutes (1953.67 minutes) |",
                 "| Max allocated | 3087.42 | 75.38 |",
@@ -176,7 +188,7 @@ def test_report_command_on_run_in_spanish_with_json(reported_run: Path, tmp_path
                 "Mejora dentro de la fase: 11.49%",
                 "Reducción total de la pérdida: 97.82% (de 2.6141 en la época 1 a 0.057 en la época 250)",
                 "Parte de la reducción total de la pérdida: 98.18%",
-                "| Pérdida final (última época, 250) | 0.057 |",
+                "- Última pérdida registrada: 0.057 (paso 5000, época 250)",
                 "| Pérdida media según el Trainer (train_loss) | 0.2402 |",
                 "| Duración | 1 día, 8 horas, 33 minutos (1953.67 minutos) |",
                 "| Máxima asignada | 3087.42 | 75.38 |",
@@ -214,7 +226,7 @@ def test_reference_trainer_state_gives_the_reference_numbers(tmp_path: Path, lan
     assert report["general"]["mean_loss"] != report["general"]["final_loss"]
     assert report["learning_rate"]["peak"] == 0.0001 and report["learning_rate"]["shape"] == "warmup_cosine"
     assert report["grad_norm"]["peak"] == 2.988 and report["grad_norm"]["peak_epoch"] == 25
-    assert report["stop"]["reason"] == "max_epochs"
+    assert report["stop"]["reason"] == "max_steps"  # the Trainer finishes by reaching max_steps
     assert [r["kind"] for r in report["recommendations"]][0] == "max_epochs"
     if language == "en":
         assert not numbers_in(markdown) - numbers_of_json(report)
@@ -228,7 +240,7 @@ def test_reference_phases_detected_by_the_callbacks_rule(tmp_path: Path) -> None
     assert report["phases"]["method"] == "detected"
     assert report["phases"]["boundaries"] == [50, 101]
     assert report["phases"]["phases"][0]["improvement_pct"] == 96.04
-    assert report["memory"] is None and {"key": "no_memory"} in report["notes"]
+    assert report["memory"] is None and {"key": "no_memory_state"} in report["notes"]
 
 
 # --------------------------------------------------------------------------- missing parts and errors
@@ -257,7 +269,8 @@ def test_interrupted_run_without_memory_or_validation_gets_report_with_notes(tmp
     markdown = (run_dir / "report.md").read_text()
     assert report["stop"]["reason"] == "interrupted" and report["stop"]["exception"] == "KeyboardInterrupt"
     assert "It was interrupted (KeyboardInterrupt) during epoch 2" in markdown
-    assert report["general"]["epochs_run"] == 1 and report["general"]["final_loss_epoch"] == 1
+    assert report["general"]["complete_epochs"] == 1 and report["coverage"]["partial"]
+    assert "This report covers the run up to step" in markdown
     assert report["memory"] is None and report["validation"] is None
     assert "## Memory" not in markdown and "## Validation" not in markdown
     assert "No memory.json: the memory section is left out." in markdown

@@ -4,6 +4,7 @@ word by word from the reference analysis), and its Markdown rendering from repor
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from phi2tutor.errors import Phi2TutorError
@@ -338,6 +339,263 @@ TEXT: dict[str, dict[str, str]] = {
 }
 
 
+# Wording of the sections that read the logged points, validation, NaN and the stop reason from the state.
+TEXT["en"].update(
+    {
+        "unit_epoch": "epoch",
+        "unit_epochs": "epochs",
+        "unit_step": "step",
+        "unit_steps": "steps",
+        "epochs_value": "{run} of {max}",
+        "epochs_partial": "{run} of {max}: {complete} complete, the last ({epoch}) partial ({fraction} of it)",
+        "coverage": "This report covers the run up to step {step} (epoch {epoch}) of max_steps {max}: {why}",
+        "coverage_checkpoint": "the state was saved while the run was still going.",
+        "coverage_other": "the records end there.",
+        "loss": "Training loss",
+        "loss_first": "First logged loss: {value} (step {step}, epoch {epoch})",
+        "loss_last": "Last logged loss: {value} (step {step}, epoch {epoch})",
+        "loss_last_finite": "Last finite loss: {value} (step {step}, epoch {epoch})",
+        "loss_smoothed": "Smoothed final loss: {value} (median of the last {n} logged {points}, steps {a}-{b})",
+        "point": "point",
+        "points": "points",
+        "loss_reduction": "Observed change from the first logged loss: {pct}% to the last, {spct}% to the smoothed "
+        "final loss (positive: it fell)",
+        "trend_fell": "The loss fell: the median of its first {n} {points} ({head}) is {change}% above the median "
+        "of its last {n} ({tail}), {z} times beyond its noise ({noise}% per point).",
+        "trend_rose": "The loss rose: the median of its last {n} {points} ({tail}) is above the median of its "
+        "first {n} ({head}) by more than its noise allows.",
+        "trend_flat": "No learning: the loss stayed at {tail} within its noise from start to end (first {n} "
+        "{points}: {head}; change {change}%, under {z} standard errors of {se}%).",
+        "trend_too_few_points": "Only {count} logged {points}: too few to tell a trend from noise.",
+        "chance": "{level} is ln {k}: the loss of a {k}-way classifier that guesses at chance.",
+        "epoch_means": "Epoch means (complete epochs)",
+        "epoch_col": "Epoch",
+        "mean_col": "Mean loss",
+        "partial_epoch": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged {points}); the "
+        "epoch means leave it out.",
+        "phases_detected": "Phases looked for on the {series} by phi2tutor.phases, the rule the PhaseDetection "
+        "callback applies during training: window {window} {units}, fine-tuning begins below {ft} and "
+        "stabilization below {st} of the fastest improvement rate, each only where the rate and its fall "
+        "stand {z} standard errors above the curve's own noise.",
+        "series_epoch_mean": "epoch mean loss",
+        "series_logged": "logged training loss",
+        "verdict_fell_steadily": "The loss fell steadily: no distinct phases (no slow-down stood above the noise).",
+        "verdict_flat": "No phases: the loss did not fall beyond its noise.",
+        "verdict_rose": "No phases: the loss rose.",
+        "verdict_too_few_points": "No phases: too few points to tell.",
+        "total_reduction": "Total loss reduction: {pct}% (from {start} at {unit} {first} to {end} at {unit} {last})",
+        "total_rise": "Total loss change: it rose by {pct}% (from {start} at {unit} {first} to {end} at {unit} {last})",
+        "phase_heading": "Phase {number}: {name} ({units} {first}-{last})",
+        "phase_began_at_end": "The {name} phase began after the last {unit} ({position}).",
+        "phase_points": "{Units}: {count} ({pct}% of the run)",
+        "phase_rose": "The loss rose within this phase.",
+        "nonfinite": "NaN and inf",
+        "nonfinite_loss": "training loss",
+        "nonfinite_grad_norm": "gradient norm",
+        "nonfinite_val_loss": "validation loss",
+        "nonfinite_line": "The {series} is {kind} from step {step} (epoch {epoch}) on: {count} of {of} logged values.",
+        "val_loss": "Validation loss ({key}, {n} {evaluations}): first {first} (step {first_step}), best {best} "
+        "(step {best_step}, epoch {best_epoch}), last {last} (step {last_step}, epoch {last_epoch})",
+        "evaluation": "evaluation",
+        "evaluations": "evaluations",
+        "overfitting": "Overfitting: from step {step} (epoch {epoch}) the validation loss rose from {best} to {last} "
+        "(+{rise}%) while the training loss fell from {train_best} to {train_last} ({fall}%). The checkpoint to "
+        "keep is the one of step {step}.",
+        "val_rising": "After its best (step {step}) the validation loss rose by {rise}% to {last}, and the training "
+        "loss did not fall meanwhile.",
+        "val_after_best": "After its best the validation loss changed by {rise}% (overfitting is named above "
+        "{threshold}%).",
+        "other_metrics": "Other evaluation metrics (as logged)",
+        "metric": "Metric",
+        "first_col": "First (step)",
+        "last_col": "Last (step)",
+        "lowest_col": "Lowest (step)",
+        "highest_col": "Highest (step)",
+        "stop_max_steps": "It finished: it reached max_steps ({step}).",
+        "stop_early_stopping_trainer": "EarlyStoppingCallback stopped it at step {step} (epoch {epoch}): "
+        "{counter} evaluations without improvement of the metric for best model, its patience {patience}.",
+        "stop_checkpoint": "It was still running: this state was saved at step {step} of max_steps {max_steps} "
+        "(TrainerControl.should_training_stop is false).",
+        "stop_stopped": "A callback stopped it at step {step} of max_steps {max_steps} (should_training_stop).",
+        "stop_ended_before_max_steps": "The state ends at step {step} of max_steps {max_steps}: a checkpoint taken "
+        "mid-run or a run stopped early; this state file (no stateful_callbacks) does not say which.",
+        "fig_loss": "Training loss at its logged points (epoch means, validation loss, phases and the first NaN "
+        "where there are any).",
+        "fig_grad_norm_lr": "Gradient norm and learning rate, as logged.",
+        "rec_nonfinite_phi2tutor": "The loss or the gradients became NaN/inf at step {step}: lower "
+        "model.learning_rate, set trainer.gradient_clip_val (1.0), and in 16-bit precision keep the fp32 "
+        "attention scores (model.attn_implementation phi2tutor_fp32_scores) or train in bf16-mixed or 32-true.",
+        "rec_nonfinite_trainer": "The loss or the gradients became NaN/inf at step {step}: lower learning_rate, keep "
+        "max_grad_norm at 1.0 or lower, and in fp16 compute attention scores in fp32 or use bf16=True instead.",
+        "rec_overfitting_phi2tutor": "Stop at the best validation epoch ({epoch}): keep its checkpoint with "
+        "ModelCheckpoint(monitor='val/loss', mode='min'), stop with PlateauStopping on val/loss, or set "
+        "trainer.max_epochs near {epoch}.",
+        "rec_overfitting_trainer": "Stop at the best evaluation (step {step}, epoch {epoch}): set "
+        "load_best_model_at_end=True with metric_for_best_model='eval_loss' (save_strategy equal to "
+        "eval_strategy), add EarlyStoppingCallback, or lower num_train_epochs to about {epoch}.",
+        "rec_val_rising_phi2tutor": "The validation loss rose after step {step}: look at the validation data "
+        "and model.learning_rate before training longer.",
+        "rec_val_rising_trainer": "eval_loss rose after step {step}: look at the eval data and learning_rate "
+        "before training longer.",
+        "rec_no_learning_phi2tutor": "The loss did not move from {level}: raise model.learning_rate or check that "
+        "the answers reach the loss (data.max_length, the prompt template).",
+        "rec_no_learning_trainer": "The loss did not move from {level}: raise learning_rate, check that the labels "
+        "reach the loss, and that the trainable parameters are the ones meant to learn.",
+        "rec_max_epochs_phi2tutor": "Train for fewer epochs: after epoch {epoch} (loss {at}) the loss fell only "
+        "{remaining}% of the run's total reduction more (under {threshold}%, to {final}), so trainer.max_epochs "
+        "{epoch} would have saved {saved} {epochs} ({saved_pct}% of the run).",
+        "rec_max_epochs_trainer": "Train for fewer epochs: after epoch {epoch} (loss {at}) the loss fell only "
+        "{remaining}% of the run's total reduction more (under {threshold}%, to {final}), so num_train_epochs "
+        "{epoch} would have saved {saved} {epochs} ({saved_pct}% of the run).",
+        "rec_still_improving_phi2tutor": "Train for longer: over the second half of the run ({unit}s {a}-{b}) the "
+        "loss still fell from {head} to {tail} ({change}%, medians of {n} {points}); raise trainer.max_epochs.",
+        "rec_still_improving_trainer": "Train for longer: over the second half of the run ({unit}s {a}-{b}) the "
+        "loss still fell from {head} to {tail} ({change}%, medians of {n} {points}); raise num_train_epochs "
+        "(or max_steps).",
+        "note_no_memory_state": "The Trainer state holds no memory figures: the memory section is left out.",
+        "note_too_few_points_for_phases": "Only {points} {unit} points: the phase rule needs {window} before it can "
+        "end a phase.",
+        "note_no_validation": "No validation was logged (no validation loss, no eval metric): the validation "
+        "section is left out.",
+        "note_no_learning_rate": "No learning rate was logged: its section is left out.",
+    }
+)
+TEXT["es"].update(
+    {
+        "unknown_f": "desconocida",
+        "unit_epoch": "época",
+        "unit_epochs": "épocas",
+        "unit_step": "paso",
+        "unit_steps": "pasos",
+        "epochs_value": "{run} de {max}",
+        "epochs_partial": "{run} de {max}: {complete} completas, la última ({epoch}) parcial ({fraction} de ella)",
+        "coverage": "Este informe cubre el entrenamiento hasta el paso {step} (época {epoch}) de max_steps {max}: {why}",
+        "coverage_checkpoint": "el estado se guardó con el entrenamiento aún en marcha.",
+        "coverage_other": "los registros terminan ahí.",
+        "loss": "Pérdida de entrenamiento",
+        "loss_first": "Primera pérdida registrada: {value} (paso {step}, época {epoch})",
+        "loss_last": "Última pérdida registrada: {value} (paso {step}, época {epoch})",
+        "loss_last_finite": "Última pérdida finita: {value} (paso {step}, época {epoch})",
+        "loss_smoothed": "Pérdida final suavizada: {value} (mediana de los últimos {n} {points} registrados, pasos "
+        "{a}-{b})",
+        "point": "punto",
+        "points": "puntos",
+        "loss_reduction": "Cambio observado desde la primera pérdida registrada: {pct}% hasta la última, {spct}% "
+        "hasta la pérdida final suavizada (positivo: bajó)",
+        "trend_fell": "La pérdida bajó: la mediana de sus primeros {n} {points} ({head}) está un {change}% por "
+        "encima de la de sus últimos {n} ({tail}), {z} veces más allá de su ruido ({noise}% por punto).",
+        "trend_rose": "La pérdida subió: la mediana de sus últimos {n} {points} ({tail}) supera la de sus "
+        "primeros {n} ({head}) más de lo que su ruido permite.",
+        "trend_flat": "Sin aprendizaje: la pérdida se quedó en {tail} dentro de su ruido de principio a fin "
+        "(primeros {n} {points}: {head}; cambio {change}%, menos de {z} errores típicos de {se}%).",
+        "trend_too_few_points": "Solo {count} {points} registrados: demasiado pocos para distinguir una tendencia "
+        "del ruido.",
+        "chance": "{level} es ln {k}: la pérdida de un clasificador de {k} clases que acierta al azar.",
+        "epoch_means": "Medias por época (épocas completas)",
+        "epoch_col": "Época",
+        "mean_col": "Pérdida media",
+        "partial_epoch": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} {points} "
+        "registrados); las medias por época la dejan fuera.",
+        "phases_detected": "Fases buscadas sobre la {series} con phi2tutor.phases, la misma regla que aplica el "
+        "callback PhaseDetection durante el entrenamiento: ventana de {window} {units}; el ajuste fino empieza "
+        "por debajo de {ft} y la estabilización por debajo de {st} de la mayor velocidad de mejora, cada una solo "
+        "donde la velocidad y su caída superan en {z} errores típicos el ruido propio de la curva.",
+        "series_epoch_mean": "pérdida media por época",
+        "series_logged": "pérdida de entrenamiento registrada",
+        "verdict_fell_steadily": "La pérdida bajó de forma continua: sin fases distintas (ninguna desaceleración "
+        "superó el ruido).",
+        "verdict_flat": "Sin fases: la pérdida no bajó más allá de su ruido.",
+        "verdict_rose": "Sin fases: la pérdida subió.",
+        "verdict_too_few_points": "Sin fases: demasiado pocos puntos para saberlo.",
+        "total_reduction": "Reducción total de la pérdida: {pct}% (de {start} en la {unit} {first} a {end} en la "
+        "{unit} {last})",
+        "total_rise": "Cambio total de la pérdida: subió un {pct}% (de {start} en la {unit} {first} a {end} en la "
+        "{unit} {last})",
+        "phase_heading": "Fase {number}: {name} ({units} {first}-{last})",
+        "phase_began_at_end": "La fase de {name} empezó después de la última {unit} ({position}).",
+        "phase_points": "{Units}: {count} (el {pct}% del entrenamiento)",
+        "phase_rose": "La pérdida subió dentro de esta fase.",
+        "nonfinite": "NaN e infinitos",
+        "nonfinite_loss": "pérdida de entrenamiento",
+        "nonfinite_grad_norm": "norma del gradiente",
+        "nonfinite_val_loss": "pérdida de validación",
+        "nonfinite_line": "La {series} es {kind} desde el paso {step} (época {epoch}): {count} de {of} valores "
+        "registrados.",
+        "val_loss": "Pérdida de validación ({key}, {n} {evaluations}): primera {first} (paso {first_step}), mejor "
+        "{best} (paso {best_step}, época {best_epoch}), última {last} (paso {last_step}, época {last_epoch})",
+        "evaluation": "evaluación",
+        "evaluations": "evaluaciones",
+        "overfitting": "Sobreajuste: desde el paso {step} (época {epoch}) la pérdida de validación subió de {best} a "
+        "{last} (+{rise}%) mientras la de entrenamiento bajaba de {train_best} a {train_last} ({fall}%). El "
+        "checkpoint que conviene conservar es el del paso {step}.",
+        "val_rising": "Tras su mejor valor (paso {step}) la pérdida de validación subió un {rise}% hasta {last}, y la "
+        "de entrenamiento no bajó mientras tanto.",
+        "val_after_best": "Tras su mejor valor la pérdida de validación cambió un {rise}% (se habla de sobreajuste "
+        "por encima del {threshold}%).",
+        "other_metrics": "Otras métricas de evaluación (tal como se registraron)",
+        "metric": "Métrica",
+        "first_col": "Primera (paso)",
+        "last_col": "Última (paso)",
+        "lowest_col": "Mínima (paso)",
+        "highest_col": "Máxima (paso)",
+        "stop_max_steps": "Terminó: llegó a max_steps ({step}).",
+        "stop_early_stopping_trainer": "EarlyStoppingCallback lo detuvo en el paso {step} (época {epoch}): "
+        "{counter} evaluaciones sin mejora de la métrica del mejor modelo, con paciencia {patience}.",
+        "stop_checkpoint": "Seguía en marcha: este estado se guardó en el paso {step} de max_steps {max_steps} "
+        "(TrainerControl.should_training_stop es false).",
+        "stop_stopped": "Un callback lo detuvo en el paso {step} de max_steps {max_steps} (should_training_stop).",
+        "stop_ended_before_max_steps": "El estado termina en el paso {step} de max_steps {max_steps}: un checkpoint "
+        "intermedio o un entrenamiento detenido antes; este archivo (sin stateful_callbacks) no dice cuál.",
+        "fig_loss": "Pérdida de entrenamiento en sus puntos registrados (medias por época, pérdida de validación, "
+        "fases y el primer NaN donde los haya).",
+        "fig_grad_norm_lr": "Norma del gradiente y learning rate, tal como se registraron.",
+        "rec_nonfinite_phi2tutor": "La pérdida o los gradientes se volvieron NaN/inf en el paso {step}: baja "
+        "model.learning_rate, fija trainer.gradient_clip_val (1.0) y, en 16 bits, conserva las puntuaciones de "
+        "atención en fp32 (model.attn_implementation phi2tutor_fp32_scores) o entrena en bf16-mixed o 32-true.",
+        "rec_nonfinite_trainer": "La pérdida o los gradientes se volvieron NaN/inf en el paso {step}: baja "
+        "learning_rate, deja max_grad_norm en 1.0 o menos y, en fp16, calcula la atención en fp32 o usa bf16=True.",
+        "rec_overfitting_phi2tutor": "Detén el entrenamiento en la mejor época de validación ({epoch}): conserva su "
+        "checkpoint con ModelCheckpoint(monitor='val/loss', mode='min'), detén con PlateauStopping sobre "
+        "val/loss o fija trainer.max_epochs cerca de {epoch}.",
+        "rec_overfitting_trainer": "Detén el entrenamiento en la mejor evaluación (paso {step}, época {epoch}): "
+        "load_best_model_at_end=True con metric_for_best_model='eval_loss' (save_strategy igual a "
+        "eval_strategy), añade EarlyStoppingCallback o baja num_train_epochs a unas {epoch}.",
+        "rec_val_rising_phi2tutor": "La pérdida de validación subió tras el paso {step}: revisa los datos de "
+        "validación y model.learning_rate antes de entrenar más.",
+        "rec_val_rising_trainer": "eval_loss subió tras el paso {step}: revisa los datos de evaluación y "
+        "learning_rate antes de entrenar más.",
+        "rec_no_learning_phi2tutor": "La pérdida no se movió de {level}: sube model.learning_rate o comprueba que "
+        "las respuestas llegan a la pérdida (data.max_length, la plantilla del prompt).",
+        "rec_no_learning_trainer": "La pérdida no se movió de {level}: sube learning_rate, comprueba que las "
+        "etiquetas llegan a la pérdida y que los parámetros entrenables son los que deben aprender.",
+        "rec_max_epochs_phi2tutor": "Entrenar menos épocas: tras la época {epoch} (pérdida {at}) la pérdida solo "
+        "bajó un {remaining}% más de la reducción total (menos del {threshold}%, hasta {final}), así que "
+        "trainer.max_epochs {epoch} habría ahorrado {saved} {epochs} (el {saved_pct}% del entrenamiento).",
+        "rec_max_epochs_trainer": "Entrenar menos épocas: tras la época {epoch} (pérdida {at}) la pérdida solo "
+        "bajó un {remaining}% más de la reducción total (menos del {threshold}%, hasta {final}), así que "
+        "num_train_epochs {epoch} habría ahorrado {saved} {epochs} (el {saved_pct}% del entrenamiento).",
+        "rec_still_improving_phi2tutor": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó de "
+        "{head} a {tail} ({change}%, medianas de {n} {points}); sube trainer.max_epochs.",
+        "rec_still_improving_trainer": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó de "
+        "{head} a {tail} ({change}%, medianas de {n} {points}); sube num_train_epochs (o max_steps).",
+        "note_no_memory_state": "El estado del Trainer no guarda cifras de memoria: se omite la sección de memoria.",
+        "note_too_few_points_for_phases": "Solo {points} puntos por {unit}: la regla de fases necesita {window} para "
+        "cerrar una fase.",
+        "note_no_validation": "No se registró validación (ni pérdida de validación ni métricas de evaluación): se "
+        "omite la sección de validación.",
+        "note_no_learning_rate": "No se registró el learning rate: se omite su sección.",
+    }
+)
+TEXT["en"]["unknown_f"] = TEXT["en"]["unknown"]
+
+NUMBER_PATTERN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
+"""A number in report text, not one inside a word (phi2tutor, version_0); tests compare report.md to report.json."""
+
+
+def plural(count: Any, singular: str, many: str) -> str:
+    return singular if count == 1 else many
+
+
 def fmt(value: Any, language: str = "en") -> str:
     """A number exactly as report.json stores it (so the two always agree); "unknown" for None."""
     if value is None:
@@ -373,26 +631,54 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
         ),
         "",
     ]
+    c = report["coverage"]
+    if c["partial"]:
+        why = (
+            t["coverage_checkpoint"] if report["stop"].get("reason") == "checkpoint" else t["coverage_other"]
+        )
+        lines += [
+            t["coverage"].format(
+                step=f(c["up_to_step"]), epoch=f(c["up_to_epoch"]), max=f(c["max_steps"]), why=why
+            ),
+            "",
+        ]
     lines += _render_general(report["general"], t, f, language)
+    lines += _render_loss(report["loss"], t, f)
     if report["memory"] is not None:
         lines += _render_memory(report["memory"], t, f)
-    lines += _render_phases(report["phases"], t, f)
+    lines += _render_phases(report["phases"], report["evidence_z"], t, f)
+    if report["nonfinite"]:
+        lines += [f"## {t['nonfinite']}", ""]
+        for name, entry in report["nonfinite"]["series"].items():
+            lines.append(
+                "- "
+                + t["nonfinite_line"].format(
+                    series=t[f"nonfinite_{name}"],
+                    kind="NaN" if entry["kind"] == "nan" else "inf",
+                    step=entry["first_step"],
+                    epoch=f(entry["first_epoch"]),
+                    count=entry["count"],
+                    of=entry["of"],
+                )
+            )
+        lines.append("")
     if report["grad_norm"] is not None:
         g = report["grad_norm"]
         lines += [f"## {t['grad_norm']}", ""]
         lines.append(
             "- " + t["grad_peak"].format(peak=f(g["peak"]), epoch=g["peak_epoch"], step=g["peak_step"])
         )
-        key = "grad_settled" if g["settled_from_epoch"] is not None else "grad_not_settled"
-        lines.append(
-            "- "
-            + t[key].format(
-                level=f(g["settled_level"]),
-                tail=f(g["tail_pct"]),
-                epoch=g["settled_from_epoch"],
-                factor=f(g["settle_factor"]),
+        if g["epochs"] >= 2:
+            key = "grad_settled" if g["settled_from_epoch"] is not None else "grad_not_settled"
+            lines.append(
+                "- "
+                + t[key].format(
+                    level=f(g["settled_level"]),
+                    tail=f(g["tail_pct"]),
+                    epoch=g["settled_from_epoch"],
+                    factor=f(g["settle_factor"]),
+                )
             )
-        )
         lines += ["- " + t["grad_last"].format(value=f(g["last"])), ""]
     if report["learning_rate"] is not None:
         lr = report["learning_rate"]
@@ -409,7 +695,7 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
         shape = t[f"shape_{lr['shape']}"].format(warmup=f(lr["warmup_pct"]))
         lines += ["- " + t["lr_shape"].format(shape=shape), ""]
     if report["validation"] is not None:
-        lines += _render_validation(report["validation"], t, f)
+        lines += _render_validation(report["validation"], report, t, f)
     lines += _render_stop(report["stop"], t, f)
     if report["figures"]:
         lines += [f"## {t['figures']}", ""]
@@ -425,12 +711,28 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
         lines += [f"## {t['notes']}", ""]
         for note in report["notes"]:
             params = {key: value for key, value in note.items() if key != "key"}
+            if "unit" in params:
+                params["unit"] = t[f"unit_{params['unit']}"]
             lines.append("- " + t[f"note_{note['key']}"].format(**params))
         lines.append("")
     return "\n".join(lines)
 
 
 def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> list[str]:
+    if (
+        g["complete_epochs"] is not None
+        and g["epochs_run"] is not None
+        and g["epochs_run"] != g["complete_epochs"]
+    ):
+        epochs = t["epochs_partial"].format(
+            run=f(g["epochs_run"]),
+            max=f(g["max_epochs"]),
+            complete=g["complete_epochs"],
+            epoch=g["complete_epochs"] + 1,
+            fraction=f(round(g["epochs_run"] - int(g["epochs_run"]), 2)),
+        )
+    else:
+        epochs = t["epochs_value"].format(run=f(g["epochs_run"]), max=f(g["max_epochs"]))
     rows = [
         (t["base_model"], f(g["base_model"])),
         (t["parameters"], fmt_count(g["total_parameters"], language)),
@@ -445,8 +747,8 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
         (t["hardware"], _render_hardware(g["hardware"], t, f)),
         (t["precision"], f(g["precision"])),
         (t["quantization"], f(g["quantization"])),
-        (t["epochs"], t["epochs_value"].format(run=f(g["epochs_run"]), max=f(g["max_epochs"]))),
-        (t["steps"], f(g["optimizer_steps"])),
+        (t["epochs"], epochs),
+        (t["steps"], f(g["optimizer_steps"]) + (f" / max_steps {g['max_steps']}" if g["max_steps"] else "")),
     ]
     if g["started_at"] is not None:
         rows.append((t["started"], f"{g['started_at']} / {f(g['ended_at'])}"))
@@ -455,7 +757,7 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
             t[unit if count != 1 else unit[:-1]].format(n=count)
             for unit, count in g["duration_parts"].items()
             if count
-        ]
+        ] or [t["seconds"].format(n=0)]
         rows.append(
             (
                 t["duration"],
@@ -463,17 +765,73 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
             )
         )
     else:
-        rows.append((t["duration"], t["unknown"]))
-    rows += [
-        (t["first_loss"].format(epoch=g["first_loss_epoch"]), f(g["first_loss"])),
-        (t["final_loss"].format(epoch=g["final_loss_epoch"]), f(g["final_loss"])),
-        (t["mean_loss"], f(g["mean_loss"])),
-    ]
+        rows.append((t["duration"], t["unknown_f"]))
     if g["trainer_reported_mean_loss"] is not None:
         rows.append((t["reported_mean_loss"], f(g["trainer_reported_mean_loss"])))
     lines = [f"## {t['general']}", "", f"| {t['item']} | {t['value']} |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     return lines + [""]
+
+
+def _render_loss(loss: dict[str, Any], t: dict[str, str], f) -> list[str]:
+    lines = [f"## {t['loss']}", ""]
+    for key in ("first", "last", "last_finite"):
+        point = loss[key]
+        if point is not None:
+            value = f(point["value"]) if point["value"] is not None else "NaN/inf"
+            lines.append(
+                "- " + t[f"loss_{key}"].format(value=value, step=point["step"], epoch=f(point["epoch"]))
+            )
+    smoothed = loss["smoothed_final"]
+    if smoothed is not None and smoothed["points"] > 1:
+        lines.append(
+            "- "
+            + t["loss_smoothed"].format(
+                value=f(smoothed["value"]),
+                n=smoothed["points"],
+                points=t[plural(smoothed["points"], "point", "points")],
+                a=smoothed["first_step"],
+                b=smoothed["last_step"],
+            )
+        )
+    if loss["reduction_pct"] is not None and loss["points"] > 1:
+        lines.append(
+            "- "
+            + t["loss_reduction"].format(pct=f(loss["reduction_pct"]), spct=f(loss["smoothed_reduction_pct"]))
+        )
+    trend = loss["trend"]
+    n = trend["edge_points"]
+    lines.append(
+        "- "
+        + t[f"trend_{trend['kind']}"].format(
+            n=n,
+            points=t[plural(n if trend["kind"] != "too_few_points" else loss["points"], "point", "points")],
+            head=f(trend["head"]),
+            tail=f(trend["tail"]),
+            change=f(trend["change_pct"]),
+            z=f(trend["standard_errors"]),
+            noise=f(trend["noise_pct"]),
+            se=f(trend["standard_error_pct"]),
+            count=loss["points"],
+        )
+    )
+    if loss["partial_epoch"]:
+        p = loss["partial_epoch"]
+        lines.append(
+            "- "
+            + t["partial_epoch"].format(
+                epoch=p["epoch"],
+                fraction=f(p["fraction"]),
+                count=p["points"],
+                points=t[plural(p["points"], "point", "points")],
+            )
+        )
+    lines.append("")
+    if loss["epoch_means"]:
+        lines += [f"### {t['epoch_means']}", "", f"| {t['epoch_col']} | {t['mean_col']} |", "|---|---|"]
+        lines += [f"| {row['epoch']} | {f(row['loss'])} |" for row in loss["epoch_means"]]
+        lines.append("")
+    return lines
 
 
 def _render_hardware(hardware: dict[str, Any] | None, t: dict[str, str], f) -> str:
@@ -521,13 +879,19 @@ def _render_memory(m: dict[str, Any], t: dict[str, str], f) -> list[str]:
     return lines + [""]
 
 
-def _render_phases(p: dict[str, Any], t: dict[str, str], f) -> list[str]:
+def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[str]:
+    unit, units = t[f"unit_{p['unit']}"], t[f"unit_{p['unit']}s"]
     lines = [f"## {t['phases']}", ""]
     if p["method"] == "detected":
         o = p["options"]
         lines.append(
             t["phases_detected"].format(
-                window=o["window"], ft=f(o["fine_tuning_below"]), st=f(o["stabilization_below"])
+                series=t[f"series_{p['series']}"],
+                window=o["window"],
+                units=units,
+                ft=f(o["fine_tuning_below"]),
+                st=f(o["stabilization_below"]),
+                z=f(z),
             )
         )
     else:
@@ -536,22 +900,30 @@ def _render_phases(p: dict[str, Any], t: dict[str, str], f) -> list[str]:
         lines.append(
             t["phases_online"].format(boundaries=", ".join(str(b) for b in p["online_boundaries"]) or "-")
         )
-    first, last = p["phases"][0]["first_epoch"], p["phases"][-1]["last_epoch"]
-    lines += [
-        "",
-        "- "
-        + t["total_reduction"].format(
-            pct=f(p["total_reduction_pct"]),
-            start=f(p["start_loss"]),
-            end=f(p["end_loss"]),
-            first=first,
-            last=last,
-        ),
-        "",
-    ]
-    if p.get("began_after_last_epoch"):
+    lines.append("")
+    span = {
+        "start": f(p["start_loss"]),
+        "end": f(p["end_loss"]),
+        "first": p["first_position"],
+        "last": p["last_position"],
+        "unit": unit,
+    }
+    if p["total_reduction_pct"] is not None and p["points"] > 1:
+        if p["total_reduction_pct"] >= 0:
+            lines.append("- " + t["total_reduction"].format(pct=f(p["total_reduction_pct"]), **span))
+        else:
+            lines.append("- " + t["total_rise"].format(pct=f(abs(p["total_reduction_pct"])), **span))
+    if p["verdict"] != "phases":
+        lines.append("- " + t[f"verdict_{p['verdict']}"])
+        if p.get("chance_classes"):
+            lines.append("- " + t["chance"].format(level=f(p["flat_level"]), k=p["chance_classes"]))
+        return lines + [""]
+    lines.append("")
+    if p.get("began_after_last"):
         lines += [
-            t["phase_began_at_end"].format(name=t[f"phase_{p['began_after_last_epoch']}"], epoch=last),
+            t["phase_began_at_end"].format(
+                name=t[f"phase_{p['began_after_last']}"], unit=unit, position=p["last_position"]
+            ),
             "",
         ]
     for phase in p["phases"]:
@@ -559,23 +931,65 @@ def _render_phases(p: dict[str, Any], t: dict[str, str], f) -> list[str]:
         lines += [
             "### "
             + t["phase_heading"].format(
-                number=phase["number"], name=name, first=phase["first_epoch"], last=phase["last_epoch"]
+                number=phase["number"], name=name, units=units, first=phase["first"], last=phase["last"]
             ),
             "",
             "- " + t["start_loss"].format(value=f(phase["start_loss"])),
             "- " + t["end_loss"].format(value=f(phase["end_loss"])),
             "- " + t["improvement"].format(value=f(phase["improvement_pct"])),
-            "- " + t["share"].format(value=f(phase["share_of_total_reduction_pct"])),
-            "- " + t["phase_epochs"].format(count=phase["epochs"], pct=f(phase["epochs_share_pct"])),
+        ]
+        if phase["share_of_total_reduction_pct"] is not None:
+            lines.append("- " + t["share"].format(value=f(phase["share_of_total_reduction_pct"])))
+        elif (phase["improvement_pct"] or 0) < 0:
+            lines.append("- " + t["phase_rose"])
+        lines += [
+            "- "
+            + t["phase_points"].format(
+                Units=units.capitalize(), count=phase["points"], pct=f(phase["points_share_pct"])
+            ),
             "",
         ]
     return lines
 
 
-def _render_validation(v: dict[str, Any], t: dict[str, str], f) -> list[str]:
+def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, str], f) -> list[str]:
     lines = [f"## {t['validation']}", ""]
-    if v["val_loss"] is not None:
-        lines += ["- " + t["val_loss"].format(**{k: f(value) for k, value in v["val_loss"].items()}), ""]
+    val = v["val_loss"]
+    if val is not None and val.get("best") is not None:
+        fields = {k: f(value) for k, value in val.items() if not isinstance(value, dict)}
+        fields["n"] = val["evaluations"]
+        fields["evaluations"] = t[plural(val["evaluations"], "evaluation", "evaluations")]
+        fields["key"] = val["key"]
+        lines.append("- " + t["val_loss"].format(**fields))
+        if val["overfitting"]:
+            o = val["overfitting"]
+            lines.append(
+                "- "
+                + t["overfitting"].format(
+                    step=o["from_step"],
+                    epoch=f(o["from_epoch"]),
+                    best=f(o["best"]),
+                    last=f(o["last"]),
+                    rise=f(o["rise_pct"]),
+                    train_best=f(o["train_at_best"]),
+                    train_last=f(o["train_last"]),
+                    fall=f(o["train_fall_pct"]),
+                )
+            )
+        elif val["rising"]:
+            r = val["rising"]
+            lines.append(
+                "- " + t["val_rising"].format(step=r["from_step"], rise=f(r["rise_pct"]), last=f(r["last"]))
+            )
+        elif val["evaluations"] > 1 and val["rise_after_best_pct"]:
+            lines.append(
+                "- "
+                + t["val_after_best"].format(
+                    rise=f(val["rise_after_best_pct"]),
+                    threshold=f(report["settings"]["overfitting_rise_pct"]),
+                )
+            )
+        lines.append("")
     a = v["answer_accuracy"]
     if a is not None:
         lines += [f"### {t['accuracy']}", ""]
@@ -593,11 +1007,27 @@ def _render_validation(v: dict[str, Any], t: dict[str, str], f) -> list[str]:
             )
         )
         lines.append("")
+    if v["other_metrics"]:
+        lines += [
+            f"### {t['other_metrics']}",
+            "",
+            f"| {t['metric']} | {t['evaluations'].capitalize()} | {t['first_col']} | {t['last_col']} | "
+            f"{t['lowest_col']} | {t['highest_col']} |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in v["other_metrics"]:
+            lines.append(
+                f"| {m['name']} | {m['evaluations']} | {f(m['first'])} ({m['first_step']}) | {f(m['last'])} "
+                f"({m['last_step']}) | {f(m['lowest'])} ({m['lowest_step']}) | {f(m['highest'])} ({m['highest_step']}) |"
+            )
+        lines.append("")
     return lines
 
 
 def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
     reason = stop.get("reason", "unknown")
+    if reason == "early_stopping" and "patience" in stop:
+        reason = "early_stopping_trainer"
     template = t.get(f"stop_{reason}", t["stop_unknown"])
     fields = {
         "epoch": f(stop.get("epoch")),
@@ -605,6 +1035,8 @@ def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
         "max_steps": f(stop.get("max_steps")),
         "exception": stop.get("exception", t["unknown"]),
         "callback": stop.get("callback", t["unknown"]),
+        "patience": f(stop.get("patience")),
+        "counter": f(stop.get("patience_counter")),
     }
     lines = [f"## {t['stop']}", "", "- " + template.format(**fields)]
     if stop.get("message"):
@@ -614,16 +1046,38 @@ def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
 
 def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict[str, str], f) -> str:
     kind = item["kind"]
+    tool = item.get("tool", "phi2tutor")
+    if kind == "nonfinite":
+        return t[f"rec_nonfinite_{tool}"].format(step=item["step"])
+    if kind == "overfitting":
+        epoch = item["checkpoint_epoch"] if item.get("checkpoint_epoch") is not None else item["from_epoch"]
+        return t[f"rec_overfitting_{tool}"].format(step=item["from_step"], epoch=f(epoch))
+    if kind == "val_rising":
+        return t[f"rec_val_rising_{tool}"].format(step=item["from_step"])
+    if kind == "no_learning":
+        return t[f"rec_no_learning_{tool}"].format(level=f(item["level"]))
     if kind == "max_epochs":
-        return t["rec_max_epochs"].format(
+        return t[f"rec_max_epochs_{tool}"].format(
             epoch=item["epoch"],
+            at=f(item["loss_at_epoch"]),
+            final=f(item["final_loss"]),
             remaining=f(item["remaining_reduction_pct"]),
             threshold=f(item["threshold_pct"]),
             saved=item["epochs_saved"],
+            epochs=t[plural(item["epochs_saved"], "unit_epoch", "unit_epochs")],
             saved_pct=f(item["epochs_saved_pct"]),
         )
     if kind == "still_improving":
-        return t["rec_still_improving"].format(window=item["window"], improvement=f(item["improvement_pct"]))
+        return t[f"rec_still_improving_{tool}"].format(
+            unit=t[f"unit_{item['unit']}"],
+            a=item["from_position"],
+            b=item["to_position"],
+            head=f(item["head"]),
+            tail=f(item["tail"]),
+            change=f(item["change_pct"]),
+            n=item["edge_points"],
+            points=t[plural(item["edge_points"], "point", "points")],
+        )
     if kind == "larger_micro_batch":
         return t["rec_larger_micro_batch"].format(
             pct=f(item["peak_percent_of_budget"]),
@@ -639,10 +1093,7 @@ def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict
             headroom=f(item["headroom_mb"]),
         )
     if kind == "accuracy_falling":
-        return t["rec_accuracy_falling"].format(epoch=report["validation"]["answer_accuracy"]["best_epoch"])
+        return t["rec_accuracy_falling"].format(epoch=item["best_epoch"])
     if kind == "truncated":
         return t["rec_truncated"].format(count=item["count"], max_length=f(item["max_length"]))
     return t[f"rec_{kind}"]
-
-
-# ------------------------------------------------------------------------------------------------ output

@@ -5,10 +5,8 @@ logits, allocator overhead and CUDA context. Pure functions; ``phi2tutor plan`` 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -540,6 +538,7 @@ class MemoryEstimate:
     outside_allocator: Terms  # paged optimizer states, allocator reserve, CUDA context
     peak_phase: str
     phases: dict[str, Terms]  # allocator terms at each candidate peak of a step
+    phase_groups: dict[str, list[tuple[str, Terms]]]  # the same, by term function
     weight_bytes: int
     trainable_parameter_count: int
     trainable_parameter_bytes: int
@@ -605,6 +604,383 @@ class MemoryEstimate:
         return result
 
 
+@dataclass
+class _Step:
+    """A training step's numbers that the term functions share: shape, settings, dtypes, sizes."""
+
+    shape: ModelShape
+    settings: dict[str, Any]
+    flow: _Flow
+    autocast: bool
+    trainable_bytes: int
+    weights_bytes: int
+    tokens: int
+    loss_tokens: int
+    lora_numel: int
+    saved_numel: int
+    numels: list[int]
+    x_bytes: list[int]  # byte width of each decoder layer's input (and, last, the final norm's)
+    layer_terms: list[Terms]  # what each decoder layer saves for backward
+    constants: Terms  # per-layer tensors independent of the tokens (autocast weight copies)
+
+    def __getattr__(self, name: str) -> Any:
+        # settings by name: step.optimizer, step.micro_batch, ...
+        try:
+            return self.__dict__["settings"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def layers(self) -> int:
+        return self.shape.num_hidden_layers
+
+    @property
+    def trainable_numel(self) -> int:
+        return self.lora_numel + self.saved_numel
+
+    @property
+    def grad_dtype(self) -> str:
+        return _dtype_name(self.trainable_bytes)
+
+    @property
+    def final_norm_out_bytes(self) -> int:
+        return 4 if self.autocast else self.x_bytes[-1]  # autocast runs layer_norm in fp32
+
+    @property
+    def logits_bytes(self) -> int:
+        return 2 if self.autocast else (4 if self.flow.lm_head_trainable else self.weights_bytes)
+
+    @property
+    def optimizer_states(self) -> tuple[int, int]:
+        return optimizer_state_bytes(self.numels, self.optimizer, self.trainable_bytes)
+
+
+# --------------------------------------------------------------------------- terms
+# Each function is one group of terms; PHASES below says which groups are alive at each candidate peak.
+def frozen_weights(step: _Step) -> Terms:
+    terms = base_weight_breakdown(step.shape, step.quantization, step.compute_dtype)
+    if step.embeddings_on_cpu:  # the table stays in CPU memory; its looked-up rows are the layer-0 input
+        terms = [(name, nbytes) for name, nbytes in terms if not name.startswith("embed_tokens")]
+    return terms
+
+
+def trainable_weights(step: _Step) -> Terms:
+    terms = [
+        (
+            f"LoRA weights (r={step.lora_r}, {len(step.lora_target_modules)} modules x {step.layers} layers, "
+            f"{_dtype_name(step.trainable_bytes)})",
+            step.lora_numel * step.trainable_bytes,
+        )
+    ]
+    if step.saved_numel:
+        terms.append(
+            (
+                f"trainable copies of {', '.join(step.modules_to_save)}",
+                step.saved_numel * step.trainable_bytes,
+            )
+        )
+    return terms
+
+
+def optimizer_states(step: _Step) -> Terms:
+    return [(f"optimizer states ({step.optimizer})", step.optimizer_states[0])]
+
+
+def _gradients(step: _Step, share: int, when: str) -> Terms:
+    total = step.trainable_numel * step.trainable_bytes
+    if step.accumulate_grad_batches > 1:
+        return [(f"gradients ({step.grad_dtype}, kept across accumulated micro-batches)", total)]
+    return [(f"gradients ({step.grad_dtype}{when})", share)] if share else []
+
+
+def previous_step_gradients(step: _Step) -> Terms:
+    # Lightning zeroes gradients after the training step's forward, before its backward: the previous
+    # step's gradients are alive through the forward.
+    return _gradients(step, step.trainable_numel * step.trainable_bytes, ", of the previous step")
+
+
+def accumulated_gradients(step: _Step) -> Terms:
+    return _gradients(step, 0, "")
+
+
+def last_layer_gradients(step: _Step) -> Terms:
+    # At the backward of the last decoder layer: its LoRA gradients, and a trainable lm_head's.
+    lm_head_numel = (step.shape.vocab_size * step.shape.hidden_size + step.shape.vocab_size) * (
+        "lm_head" in step.modules_to_save
+    )
+    return _gradients(step, (step.lora_numel // step.layers + lm_head_numel) * step.trainable_bytes, "")
+
+
+def all_gradients(step: _Step) -> Terms:
+    return _gradients(step, step.trainable_numel * step.trainable_bytes, "")
+
+
+def gradients_before_first_layer(step: _Step) -> Terms:
+    # The first layer's own LoRA gradients are written at the end of its backward, after its peak.
+    own = step.lora_numel // step.layers
+    return _gradients(step, (step.trainable_numel - own) * step.trainable_bytes, "")
+
+
+def _rotary_and_mask(step: _Step) -> Terms:
+    seq = step.max_length
+    return [
+        # of one row of position ids (int64), which the layers' checkpoints hold too
+        ("rotary cos/sin and position ids", 2 * seq * step.shape.rotary_dim * step.x_bytes[0] + seq * 8),
+        ("attention mask", _attention_mask_bytes(step.flow, step.micro_batch, seq)),
+    ]
+
+
+def _checkpoint_input_bytes(step: _Step, layers: range) -> int:
+    # With offloading the inputs wait in CPU memory, except layer 0's: the embedding output is a leaf that
+    # requires grad (enable_input_require_grads), which autograd holds on the device until the step ends.
+    if step.offload_checkpoints:
+        layers = range(min(1, len(layers)))
+    h = step.shape.hidden_size
+    return sum(step.tokens * h * step.x_bytes[index] for index in layers)
+
+
+def kept_activations(step: _Step) -> Terms:
+    """Held from the forward to the backward of every layer: checkpointed inputs or all saved tensors."""
+    n = step.layers
+    if step.gradient_checkpointing:
+        # every layer's input (held by its checkpoint) and the tensors the checkpoints' keyword
+        # arguments hold (rotary cos/sin, attention mask)
+        return [
+            ("checkpointed decoder layer inputs", _checkpoint_input_bytes(step, range(n)))
+        ] + _rotary_and_mask(step)
+    per_layer = [(f"{name} (all layers)", nbytes * n) for name, nbytes in step.constants]
+    return (
+        [("activations of all decoder layers", sum(_sum(t) for t in step.layer_terms))]
+        + _rotary_and_mask(step)[:1]
+        + per_layer
+    )
+
+
+def kept_for_first_layer(step: _Step) -> Terms:
+    """What is still held when only the first layer's backward is left."""
+    if step.gradient_checkpointing:
+        return [
+            ("checkpointed input of decoder layer 0", _checkpoint_input_bytes(step, range(1)))
+        ] + _rotary_and_mask(step)
+    return (
+        [("activations of decoder layer 0", _sum(step.layer_terms[0]))]
+        + _rotary_and_mask(step)[:1]
+        + step.constants
+    )
+
+
+def forward_only(step: _Step) -> Terms:
+    """Alive during the forward only. Lightning's autocast runs with cache_enabled=False, so the fp16
+    casts of the LoRA weights are saved by each layer's graph (recomputed under checkpointing), never
+    cached for the whole forward. Without checkpointing the attention mask is freed after the forward."""
+    if step.gradient_checkpointing:
+        return []
+    return _rotary_and_mask(step)[1:]
+
+
+def _recompute(step: _Step, index: int) -> Terms:
+    if not step.gradient_checkpointing:
+        return []
+    terms = [(f"recomputed layer: {name}", nbytes) for name, nbytes in step.layer_terms[index]]
+    if (4 if step.autocast else step.x_bytes[index]) == step.x_bytes[index]:
+        # the layer norm saves the checkpointed input itself, already counted
+        terms = [(k, nb) for k, nb in terms if "input_layernorm input" not in k]
+    if step.offload_checkpoints and index > 0:
+        h = step.shape.hidden_size
+        terms.insert(
+            0,
+            ("checkpointed input of this layer, back from CPU memory", step.tokens * h * step.x_bytes[index]),
+        )
+    return terms + [(f"recomputed layer: {name}", nbytes) for name, nbytes in step.constants]
+
+
+def recompute_last_layer(step: _Step) -> Terms:
+    return _recompute(step, step.layers - 1)
+
+
+def recompute_first_layer(step: _Step) -> Terms:
+    return _recompute(step, 0)
+
+
+def layer_backward_work(step: _Step) -> Terms:
+    """Backward transients of one layer: fp32 gradients of the attention probabilities, three MLP-wide
+    gradients, or the dequantized frozen weight bitsandbytes builds for the input gradient."""
+    shape, tokens = step.shape, step.tokens
+    largest_linear = max(o * i for o, i in shape.linear_shapes().values())
+    scores = step.micro_batch * shape.num_attention_heads * step.max_length**2
+    candidates = {
+        "attention-probability gradients (fp32)": (
+            8 * scores if step.attention != "sdpa" else 3 * tokens * shape.hidden_size * 4
+        ),
+        "MLP gradients": 3 * tokens * shape.intermediate_size * 4,
+        "dequantized frozen weight": largest_linear * (2 if step.autocast else step.weights_bytes)
+        if step.quantization != "none"
+        else 0,
+    }
+    name = max(candidates, key=candidates.__getitem__)
+    return [
+        (f"backward transient of one layer: {name}", candidates[name]),
+        ("hidden-state gradients (residual stream)", 2 * tokens * shape.hidden_size * max(step.x_bytes)),
+    ]
+
+
+def final_norm_kept(step: _Step) -> Terms:
+    h, tokens = step.shape.hidden_size, step.tokens
+    # its input is the last layer's output, saved inside the decoder (in CPU memory with offloading)
+    norm_input = 0 if step.offload_checkpoints else tokens * h * step.final_norm_out_bytes
+    terms = [("final layernorm input and mean/rstd", norm_input + tokens * 8)]
+    if step.flow.lm_head_trainable:
+        terms.append(
+            ("lm_head input saved for its weight gradient", step.loss_tokens * h * step.logits_bytes)
+        )
+    if step.autocast and (step.weights_bytes == 4 or step.flow.lm_head_trainable):
+        terms.append(("autocast fp16 copy of the lm_head weight", step.shape.vocab_size * h * 2))
+    return terms
+
+
+def head_forward(step: _Step) -> Terms:
+    # TutorModule.target_token_loss holds last_hidden_state through the loss; the answer positions it
+    # gathers (and their fp16 cast for lm_head) are freed once lm_head has run, before the log-softmax.
+    return [
+        (
+            "final layernorm output (last_hidden_state)",
+            step.tokens * step.shape.hidden_size * step.final_norm_out_bytes,
+        )
+    ]
+
+
+def logits(step: _Step) -> Terms:
+    v, nbytes = step.shape.vocab_size, step.logits_bytes
+    terms = [
+        (
+            f"logits at {step.loss_tokens} answer positions ({_dtype_name(nbytes)})",
+            step.loss_tokens * v * nbytes,
+        )
+    ]
+    if nbytes != 4:
+        terms.append(("logits upcast to fp32 for the loss", step.loss_tokens * v * 4))
+    return terms
+
+
+def log_softmax_saved(step: _Step) -> Terms:
+    return [("log-softmax saved for backward (fp32)", step.loss_tokens * step.shape.vocab_size * 4)]
+
+
+def loss_gradients(step: _Step) -> Terms:
+    v = step.shape.vocab_size
+    return [
+        ("gradient of the log-softmax output (fp32)", step.loss_tokens * v * 4),
+        ("gradient of the logits (fp32)", step.loss_tokens * v * 4),
+    ]
+
+
+def embedding_output_and_gradient(step: _Step) -> Terms:
+    """Under checkpointing with frozen embeddings the embedding output is a leaf that requires grad: it and
+    the gradient autograd accumulates into it stay until the step's graph is released."""
+    if not step.gradient_checkpointing or step.flow.embed_trainable:
+        return []
+    nbytes = step.tokens * step.shape.hidden_size * step.x_bytes[0]
+    return [("embedding output (a grad-requiring leaf) and its gradient", 2 * nbytes)]
+
+
+def optimizer_temporaries(step: _Step) -> Terms:
+    if step.optimizer != "adamw":
+        return []
+    return [("optimizer temporaries (torch AdamW foreach)", step.trainable_numel * step.trainable_bytes)]
+
+
+TermFunction = Callable[[_Step], Terms]
+PERSISTENT: tuple[TermFunction, ...] = (frozen_weights, trainable_weights, optimizer_states)
+# The candidate peaks of a step and the groups of terms alive at each. Optimizer states count from
+# the second step on, when the peak is reached.
+PHASES: dict[str, tuple[TermFunction, ...]] = {
+    "loss forward": (
+        *PERSISTENT,
+        previous_step_gradients,
+        kept_activations,
+        forward_only,
+        final_norm_kept,
+        head_forward,
+        logits,
+        log_softmax_saved,
+    ),
+    "loss backward": (
+        *PERSISTENT,
+        accumulated_gradients,
+        kept_activations,
+        final_norm_kept,
+        log_softmax_saved,
+        loss_gradients,
+    ),
+    "backward of the last decoder layer": (
+        *PERSISTENT,
+        last_layer_gradients,
+        kept_activations,
+        recompute_last_layer,
+        layer_backward_work,
+    ),
+    "backward of the first decoder layer": (
+        *PERSISTENT,
+        gradients_before_first_layer,
+        kept_for_first_layer,
+        recompute_first_layer,
+        layer_backward_work,
+    ),
+    "optimizer step": (*PERSISTENT, all_gradients, embedding_output_and_gradient, optimizer_temporaries),
+}
+
+
+def _build_step(shape: ModelShape, settings: dict[str, Any]) -> _Step:
+    autocast, trainable_bytes = PRECISIONS[settings["precision"]]
+    wb = DTYPE_BYTES[settings["compute_dtype"]]
+    modules_to_save = settings["modules_to_save"]
+    flow = _Flow(
+        shape=shape,
+        quantization=settings["quantization"],
+        autocast=autocast,
+        weights_bytes=wb,
+        lora_bytes=trainable_bytes,
+        lora_targets=tuple(settings["lora_target_modules"]),
+        lora_dropout=settings["lora_dropout"],
+        lora_r=settings["lora_r"],
+        attention=settings["attention"],
+        embed_trainable="embed_tokens" in modules_to_save,
+        lm_head_trainable="lm_head" in modules_to_save,
+    )
+    lora_shapes = lora_parameter_shapes(shape, settings["lora_r"], settings["lora_target_modules"])
+    saved_shapes = modules_to_save_shapes(shape, modules_to_save)
+    b, seq = settings["micro_batch"], settings["max_length"]
+    tokens = b * seq
+    loss_tokens = max(1, math.ceil(tokens * settings["loss_token_fraction"]))
+    if settings["loss_chunk_tokens"]:
+        loss_tokens = min(loss_tokens, settings["loss_chunk_tokens"])
+    layer_terms: list[Terms] = []
+    x_bytes = [4 if flow.embed_trainable else wb]
+    for index in range(shape.num_hidden_layers):
+        # Without checkpointing (which makes the embedding output require grad) and with frozen
+        # embeddings, the first layer's input needs no gradient.
+        input_requires_grad = index > 0 or settings["gradient_checkpointing"] or flow.embed_trainable
+        terms, out_bytes = _layer_activations(flow, x_bytes[-1], tokens, seq, b, input_requires_grad)
+        layer_terms.append(terms)
+        x_bytes.append(out_bytes)
+    return _Step(
+        shape=shape,
+        settings=settings,
+        flow=flow,
+        autocast=autocast,
+        trainable_bytes=trainable_bytes,
+        weights_bytes=wb,
+        tokens=tokens,
+        loss_tokens=loss_tokens,
+        lora_numel=sum(math.prod(s) for s in lora_shapes),
+        saved_numel=sum(math.prod(s) for s in saved_shapes),
+        numels=[math.prod(s) for s in lora_shapes + saved_shapes],
+        x_bytes=x_bytes,
+        layer_terms=layer_terms,
+        constants=_layer_constants(flow),
+    )
+
+
 def estimate_memory(
     model_config: Any,
     *,
@@ -619,6 +995,8 @@ def estimate_memory(
     micro_batch: int = 1,
     max_length: int = 512,
     gradient_checkpointing: bool = True,
+    embeddings_on_cpu: bool = False,
+    offload_checkpoints: bool = False,
     accumulate_grad_batches: int = 1,
     attention: str = FP32_SCORES_ATTENTION,
     loss_token_fraction: float = 1.0,
@@ -634,12 +1012,11 @@ def estimate_memory(
     ``precision``, loss on answer tokens only (``loss_token_fraction`` of the ``micro_batch`` x
     ``max_length`` positions get logits; ``loss_chunk_tokens`` caps them when the loss is chunked).
 
-    The peak is the largest of five moments of a step: the loss forward (all kept activations plus
-    logits, their fp32 upcast and the log-softmax), the loss backward (three fp32 vocabulary-wide
-    buffers), the backward of the last and of the first decoder layer (one layer's activations,
-    recomputed under gradient checkpointing, plus its backward transients), and the optimizer step.
-    Optimizer states count from the second step on, when the peak is reached; gradients count when
-    they exist (all moments when ``accumulate_grad_batches`` > 1). Sizes in bytes; MB means MiB.
+    The peak is the largest of the moments in PHASES, each a sum of term functions: the loss forward
+    (all kept activations plus logits, their fp32 upcast and the log-softmax), the loss backward (three
+    fp32 vocabulary-wide buffers), the backward of the last and of the first decoder layer (one layer's
+    activations, recomputed under gradient checkpointing, plus its backward transients), and the
+    optimizer step. Sizes in bytes; MB means MiB.
     """
     _check_choice("quantization", quantization, QUANTIZATIONS)
     _check_choice("compute_dtype", compute_dtype, tuple(DTYPE_BYTES))
@@ -663,6 +1040,8 @@ def estimate_memory(
         "micro_batch": micro_batch,
         "max_length": max_length,
         "gradient_checkpointing": gradient_checkpointing,
+        "embeddings_on_cpu": embeddings_on_cpu,
+        "offload_checkpoints": offload_checkpoints and gradient_checkpointing,
         "accumulate_grad_batches": accumulate_grad_batches,
         "attention": attention,
         "loss_token_fraction": loss_token_fraction,
@@ -670,183 +1049,16 @@ def estimate_memory(
         "cuda_context_mb": cuda_context_mb,
         "allocator_overhead_fraction": allocator_overhead_fraction,
     }
-    autocast, trainable_bytes = PRECISIONS[precision]
-    wb = DTYPE_BYTES[compute_dtype]
-    h, v, n = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
-    b, seq = micro_batch, max_length
-    tokens = b * seq
-    flow = _Flow(
-        shape=shape,
-        quantization=quantization,
-        autocast=autocast,
-        weights_bytes=wb,
-        lora_bytes=trainable_bytes,
-        lora_targets=tuple(lora_target_modules),
-        lora_dropout=lora_dropout,
-        lora_r=lora_r,
-        attention=attention,
-        embed_trainable="embed_tokens" in modules_to_save,
-        lm_head_trainable="lm_head" in modules_to_save,
-    )
-
-    # Persistent tensors: weights, trainable weights, optimizer states.
-    weights = base_weight_breakdown(shape, quantization, compute_dtype)
-    lora_shapes = lora_parameter_shapes(shape, lora_r, lora_target_modules)
-    saved_shapes = modules_to_save_shapes(shape, modules_to_save)
-    numels = [math.prod(s) for s in lora_shapes + saved_shapes]
-    lora_numel = sum(math.prod(s) for s in lora_shapes)
-    saved_numel = sum(math.prod(s) for s in saved_shapes)
-    trainable_numel = lora_numel + saved_numel
-    trainable_total = trainable_numel * trainable_bytes
-    opt_allocated, opt_paged = optimizer_state_bytes(numels, optimizer, trainable_bytes)
-    persistent = list(weights)
-    persistent.append(
-        (
-            f"LoRA weights (r={lora_r}, {len(lora_target_modules)} modules x {n} layers, {_dtype_name(trainable_bytes)})",
-            lora_numel * trainable_bytes,
-        )
-    )
-    if saved_numel:
-        persistent.append(
-            (f"trainable copies of {', '.join(modules_to_save)}", saved_numel * trainable_bytes)
-        )
-    persistent.append((f"optimizer states ({optimizer})", opt_allocated))
-    grads_total = trainable_total
-    # At the backward of the last decoder layer: its LoRA gradients, and a trainable lm_head's.
-    lm_head_numel = (v * h + v) if "lm_head" in modules_to_save else 0
-    grads_per_layer = (lora_numel // n + lm_head_numel) * trainable_bytes
-
-    grad_dtype = _dtype_name(trainable_bytes)
-
-    def grads(share: int) -> Terms:
-        if accumulate_grad_batches > 1:
-            return [(f"gradients ({grad_dtype}, kept across accumulated micro-batches)", grads_total)]
-        return [(f"gradients ({grad_dtype})", share)] if share else []
-
-    # Activations.
-    layer_terms: list[Terms] = []
-    x_bytes = [4 if flow.embed_trainable else wb]
-    for index in range(n):
-        # Without checkpointing (which makes the embedding output require grad) and with frozen
-        # embeddings, the first layer's input needs no gradient.
-        input_requires_grad = index > 0 or gradient_checkpointing or flow.embed_trainable
-        terms, out_bytes = _layer_activations(flow, x_bytes[-1], tokens, seq, b, input_requires_grad)
-        layer_terms.append(terms)
-        x_bytes.append(out_bytes)
-    layer_saved = [_sum(t) for t in layer_terms]
-    constants = _layer_constants(flow)
-    rotary = [("rotary cos/sin", 2 * seq * shape.rotary_dim * x_bytes[0])]  # position_ids of one row
-    mask = [("attention mask", _attention_mask_bytes(flow, b, seq))]
-    ln_out = 4 if autocast else x_bytes[-1]  # autocast runs layer_norm in fp32
-    final = [("final layernorm input and mean/rstd", tokens * h * ln_out + tokens * 8)]
-    loss_tokens = max(1, math.ceil(tokens * loss_token_fraction))
-    if loss_chunk_tokens:
-        loss_tokens = min(loss_tokens, loss_chunk_tokens)
-    logits_bytes = 2 if autocast else (4 if flow.lm_head_trainable else wb)
-    upcast = 4 if logits_bytes != 4 else 0
-    # TutorModule.target_token_loss holds last_hidden_state while it gathers the answer positions
-    # and casts them for lm_head.
-    head_forward = [
-        ("final layernorm output (last_hidden_state)", tokens * h * ln_out),
-        (
-            "hidden states at answer positions (and their copy for lm_head)",
-            loss_tokens * h * (ln_out + (logits_bytes if logits_bytes != ln_out else 0)),
-        ),
-    ]
-    loss_inputs = []
-    if flow.lm_head_trainable:
-        loss_inputs.append(("lm_head input saved for its weight gradient", loss_tokens * h * logits_bytes))
-    lm_head_copy = []
-    if autocast and (wb == 4 or flow.lm_head_trainable):
-        lm_head_copy = [("autocast fp16 copy of the lm_head weight", v * h * 2)]
-
-    lora_copies = constants[:1]  # the autocast cache holds them while the forward runs
-    if gradient_checkpointing:
-        # Kept through the step: every layer's input (held by its checkpoint) and the tensors the
-        # checkpoints' keyword arguments hold (rotary cos/sin, attention mask).
-        kept = (
-            [("checkpointed decoder layer inputs", sum(tokens * h * xb for xb in x_bytes[:n]))]
-            + rotary
-            + mask
-        )
-        kept_first = [("checkpointed input of decoder layer 0", tokens * h * x_bytes[0])] + rotary + mask
-        forward_only = [(f"{name} (all layers, autocast cache)", nbytes * n) for name, nbytes in lora_copies]
-
-        def recompute(index: int) -> Terms:
-            terms = [(f"recomputed layer: {name}", nbytes) for name, nbytes in layer_terms[index]]
-            if (4 if autocast else x_bytes[index]) == x_bytes[index]:
-                # the layer norm saves the checkpointed input itself, already counted
-                terms = [(k, nb) for k, nb in terms if "input_layernorm input" not in k]
-            return terms + [(f"recomputed layer: {name}", nbytes) for name, nbytes in constants]
-    else:
-        per_layer_constants = [(f"{name} (all layers)", nbytes * n) for name, nbytes in constants]
-        kept = [("activations of all decoder layers", sum(layer_saved))] + rotary + per_layer_constants
-        kept_first = [("activations of decoder layer 0", layer_saved[0])] + rotary + constants
-        forward_only = mask
-
-        def recompute(index: int) -> Terms:
-            return []
-
-    # Backward transients of one layer: fp32 gradients of the attention probabilities, three
-    # MLP-wide gradients, or the dequantized frozen weight bitsandbytes builds for the input gradient.
-    largest_linear = max(o * i for o, i in shape.linear_shapes().values())
-    candidates = {
-        "attention-probability gradients (fp32)": (
-            8 * b * shape.num_attention_heads * seq * seq if attention != "sdpa" else 3 * tokens * h * 4
-        ),
-        "MLP gradients": 3 * tokens * shape.intermediate_size * 4,
-        "dequantized frozen weight": largest_linear * (2 if autocast else wb)
-        if quantization != "none"
-        else 0,
+    step = _build_step(shape, settings)
+    groups = {
+        phase: [(function.__name__, function(step)) for function in functions]
+        for phase, functions in PHASES.items()
     }
-    transient_name = max(candidates, key=candidates.__getitem__)
-    backward_work = [
-        (f"backward transient of one layer: {transient_name}", candidates[transient_name]),
-        ("hidden-state gradients (residual stream)", 2 * tokens * h * max(x_bytes)),
-    ]
-    logits = [
-        (
-            f"logits at {loss_tokens} answer positions ({_dtype_name(logits_bytes)})",
-            loss_tokens * v * logits_bytes,
-        )
-    ]
-    if upcast:
-        logits.append(("logits upcast to fp32 for the loss", loss_tokens * v * upcast))
-    log_softmax = [("log-softmax saved for backward (fp32)", loss_tokens * v * 4)]
-    loss_gradients = [
-        ("gradient of the log-softmax output (fp32)", loss_tokens * v * 4),
-        ("gradient of the logits (fp32)", loss_tokens * v * 4),
-    ]
-    head = final + loss_inputs + lm_head_copy
-    optimizer_temporaries = [("optimizer temporaries (torch AdamW foreach)", trainable_total)]
-    phases: dict[str, Terms] = {
-        "loss forward": persistent
-        + grads(0)
-        + kept
-        + forward_only
-        + head
-        + head_forward
-        + logits
-        + log_softmax,
-        "loss backward": persistent + grads(0) + kept + head + log_softmax + loss_gradients,
-        "backward of the last decoder layer": persistent
-        + grads(grads_per_layer)
-        + kept
-        + recompute(n - 1)
-        + backward_work,
-        "backward of the first decoder layer": persistent
-        + grads(grads_total)
-        + kept_first
-        + recompute(0)
-        + backward_work,
-        "optimizer step": persistent
-        + grads(grads_total)
-        + (optimizer_temporaries if optimizer == "adamw" else []),
-    }
-    phase_peaks = [(name, _sum(terms)) for name, terms in phases.items()]
-    peak_phase = max(phase_peaks, key=lambda item: item[1])[0]
+    phases = {phase: [term for _, terms in named for term in terms] for phase, named in groups.items()}
+    peak_phase = max(phases, key=lambda phase: _sum(phases[phase]))
     breakdown = [(name, nbytes) for name, nbytes in phases[peak_phase] if nbytes]
     peak_allocated = _sum(breakdown)
+    opt_allocated, opt_paged = step.optimizer_states
     outside: Terms = []
     if opt_paged:
         outside.append(("paged optimizer states (CUDA unified memory)", opt_paged))
@@ -858,10 +1070,17 @@ def estimate_memory(
     )
     outside.append(("CUDA context (driver, cuBLAS)", int(cuda_context_mb * MB)))
     notes = []
+    if embeddings_on_cpu:
+        notes.append(
+            f"embeddings_on_cpu: the {shape.vocab_size * shape.hidden_size * DTYPE_BYTES[compute_dtype] / MB:.0f} MB embedding table is in CPU memory."
+        )
+    if settings["offload_checkpoints"]:
+        notes.append("offload_checkpoints: the checkpointed layer inputs wait in pinned CPU memory.")
     if attention == "sdpa":
         notes.append("sdpa assumes the memory-efficient kernel (no seq x seq scores kept).")
     if quantization == "int8":
         notes.append("int8: outlier columns (LLM.int8 threshold) are not counted.")
+    trainable_total = step.trainable_numel * step.trainable_bytes
     return MemoryEstimate(
         model=shape,
         settings=settings,
@@ -869,10 +1088,11 @@ def estimate_memory(
         outside_allocator=outside,
         peak_phase=peak_phase,
         phases=phases,
-        weight_bytes=_sum(weights),
-        trainable_parameter_count=trainable_numel,
+        phase_groups=groups,
+        weight_bytes=_sum(frozen_weights(step)),
+        trainable_parameter_count=step.trainable_numel,
         trainable_parameter_bytes=trainable_total,
-        gradient_bytes=grads_total,
+        gradient_bytes=trainable_total,
         optimizer_state_bytes=opt_allocated + opt_paged,
         paged_optimizer_state_bytes=opt_paged,
         model_name=model_name,
@@ -933,7 +1153,7 @@ def format_breakdown_table(estimate: MemoryEstimate, budget_mb: float = DEFAULT_
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- YAML configs and `plan`
+# --------------------------------------------------------------------------- configurations
 def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     section = config.get(name) or {}
     if not isinstance(section, Mapping):
@@ -943,17 +1163,24 @@ def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k != "class_path"}
 
 
-def plan_from_config_dict(config: Mapping[str, Any], source: str = "the config") -> MemoryEstimate:
-    """Estimate of a LightningCLI-style config (``model``, ``data``, ``trainer`` sections).
+def plan_from_config_dict(
+    config: Mapping[str, Any],
+    source: str = "the config",
+    loss_token_fraction: float = 1.0,
+    loss_chunk_tokens: int | None = None,
+) -> MemoryEstimate:
+    """Estimate of TutorModule's and MathDataModule's hyperparameters and the Trainer's settings, given as
+    the ``model``, ``data`` and ``trainer`` sections of a LightningCLI config (fields left out take the
+    classes' defaults; ``phi2tutor plan`` passes what LightningCLI parsed).
 
-    Reads TutorModule's and MathDataModule's fields; what they leave out takes their defaults.
-    Optional model fields ``loss_token_fraction`` / ``loss_chunk_tokens`` refine the logits term.
+    ``loss_token_fraction`` is the share of positions that get logits (1.0: every position is an answer
+    token, the worst case); ``loss_chunk_tokens`` caps them when the loss is chunked.
     """
     model = _section(config, "model")
     data = _section(config, "data")
     trainer = _section(config, "trainer")
     shape_config = load_model_config(
-        model.get("model_name_or_path", "microsoft/phi-2"), model.get("model_config")
+        model.get("model_name_or_path") or "microsoft/phi-2", model.get("model_config")
     )
     compute_dtype = model.get("compute_dtype", "float32")
     precision = str(trainer.get("precision", "32-true"))
@@ -964,7 +1191,11 @@ def plan_from_config_dict(config: Mapping[str, Any], source: str = "the config")
         attention = FP32_SCORES_ATTENTION if fp16 else "sdpa"
     if attention not in ATTENTIONS:
         attention = "eager"  # other implementations (flash) keep no more than eager does
-    label = "model.model_config" if model.get("model_config") is not None else model.get("model_name_or_path")
+    label = (
+        "model.model_config"
+        if model.get("model_config") is not None
+        else model.get("model_name_or_path") or "microsoft/phi-2"
+    )
     try:
         return estimate_memory(
             shape_config,
@@ -979,10 +1210,12 @@ def plan_from_config_dict(config: Mapping[str, Any], source: str = "the config")
             micro_batch=int(data.get("batch_size", 4)),  # MathDataModule's default
             max_length=int(data.get("max_length", 512)),
             gradient_checkpointing=bool(model.get("gradient_checkpointing", False)),
+            embeddings_on_cpu=bool(model.get("embeddings_on_cpu", False)),
+            offload_checkpoints=bool(model.get("offload_checkpoints", False)),
             accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1),
             attention=attention,
-            loss_token_fraction=float(model.get("loss_token_fraction", 1.0)),
-            loss_chunk_tokens=model.get("loss_chunk_tokens"),
+            loss_token_fraction=loss_token_fraction,
+            loss_chunk_tokens=loss_chunk_tokens,
             model_name=str(label),
         )
     except ValueError as error:
@@ -994,61 +1227,15 @@ def plan_from_hparams(
     data_hparams: Mapping[str, Any] | None = None,
     precision: str = "32-true",
     accumulate_grad_batches: int = 1,
+    loss_token_fraction: float = 1.0,
+    source: str = "the running configuration",
 ) -> MemoryEstimate:
-    """Estimate of a running configuration: TutorModule's and MathDataModule's hparams, the Trainer's
-    precision and accumulation (what GPUMemoryProfiler prints when fit starts)."""
+    """Estimate of a configuration: TutorModule's and MathDataModule's hparams, the Trainer's precision
+    and accumulation. The one plan: TutorModule prints it when fit starts, GPUMemoryProfiler reuses it,
+    ``phi2tutor plan`` prints it from the same parsed config."""
     config = {
         "model": dict(model_hparams),
         "data": dict(data_hparams or {}),
         "trainer": {"precision": str(precision), "accumulate_grad_batches": accumulate_grad_batches},
     }
-    return plan_from_config_dict(config, source="the running configuration")
-
-
-def _budget_from_callbacks(config: Mapping[str, Any]) -> float | None:
-    trainer = config.get("trainer") or {}
-    for callback in trainer.get("callbacks") or []:
-        if isinstance(callback, Mapping) and str(callback.get("class_path", "")).endswith(
-            "GPUMemoryProfiler"
-        ):
-            budget = (callback.get("init_args") or {}).get("budget_mb")
-            if budget is not None:
-                return float(budget)
-    return None
-
-
-def main_plan(argv: Sequence[str] | None = None) -> int:
-    """``phi2tutor plan --config cfg.yaml [--json] [--budget_mb N]``: print the memory plan."""
-    import yaml
-
-    parser = argparse.ArgumentParser(
-        prog="phi2tutor plan",
-        description="Estimate the peak GPU memory of a training config before loading any weight.",
-    )
-    parser.add_argument("--config", required=True, help="YAML file of `phi2tutor fit`")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument(
-        "--budget_mb",
-        type=float,
-        default=None,
-        help="GPU memory budget; default the GPUMemoryProfiler's budget_mb in the config, else 4096",
-    )
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    path = Path(args.config)
-    try:
-        config = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise Phi2TutorError(f"Cannot read --config {str(path)!r}: {error.strerror}.") from None
-    except yaml.YAMLError as error:
-        raise Phi2TutorError(f"--config {str(path)!r} is not valid YAML: {error}") from None
-    if not isinstance(config, Mapping):
-        raise Phi2TutorError(f"--config {str(path)!r} does not hold a mapping of sections.")
-    budget_mb = args.budget_mb or _budget_from_callbacks(config) or DEFAULT_BUDGET_MB
-    estimate = plan_from_config_dict(config, source=str(path))
-    max_micro_batch = max_micro_batch_that_fits(estimate.model, budget_mb, **estimate_settings(estimate))
-    if args.json:
-        print(json.dumps(estimate.to_dict(budget_mb, max_micro_batch), indent=2))
-    else:
-        print(format_breakdown_table(estimate, budget_mb))
-        print(f"Largest micro-batch (data.batch_size) that fits {budget_mb:.0f} MB: {max_micro_batch}")
-    return 0
+    return plan_from_config_dict(config, source=source, loss_token_fraction=loss_token_fraction)

@@ -1,0 +1,225 @@
+"""Resuming a fit: which checkpoint ``--ckpt_path last`` means, which run directory the resumed run
+writes into (the one it continues), and which options may differ from the checkpoint's run.
+
+Lightning's own ``last`` looks in the new run's version directory, which is empty, and LightningCLI
+replaces the model options given beside ``--ckpt_path`` with the checkpoint's without a word; here both
+are decided before the Trainer is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phi2tutor.errors import Phi2TutorError
+from phi2tutor.keys import CONFIG_YAML
+
+LAST_CHECKPOINT_GLOB = "last*.ckpt"
+# Options that do not change what is trained: they may differ on resume (the changes are printed).
+RESUMABLE_MODEL_OPTIONS = {"adapter_output_dir", "max_new_tokens"}
+RESUMABLE_DATA_OPTIONS = {"num_workers", "eval_batch_size", "test_path", "predict_path"}
+# Trainer options that change the optimization: a resumed run with other values is a different run.
+FIXED_TRAINER_OPTIONS = {
+    "accumulate_grad_batches",
+    "precision",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+}
+
+
+@dataclass
+class RunLocation:
+    """Where a TensorBoardLogger run lives: ``save_dir/name/version``."""
+
+    save_dir: Path
+    name: str
+    version: str
+
+    @property
+    def directory(self) -> Path:
+        return self.save_dir / self.name / self.version
+
+
+def find_last_checkpoint(search_dirs: list[Path]) -> Path | None:
+    """The newest ``last*.ckpt`` (by modification time) in any of ``search_dirs``."""
+    candidates = [path for directory in search_dirs for path in directory.glob(LAST_CHECKPOINT_GLOB)]
+    return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
+
+
+def run_location(checkpoint: Path) -> RunLocation | None:
+    """The run a checkpoint belongs to, when it lies in ``save_dir/name/version_N/checkpoints/``."""
+    checkpoint = checkpoint.resolve()
+    directory = checkpoint.parent
+    if directory.name != "checkpoints" or len(directory.parents) < 3:
+        return None
+    version_dir = directory.parent
+    return RunLocation(
+        save_dir=version_dir.parent.parent, name=version_dir.parent.name, version=version_dir.name
+    )
+
+
+def option_differences(
+    saved: dict[str, Any], given: dict[str, Any], section: str, allowed: set[str]
+) -> tuple[list[str], list[str]]:
+    """(forbidden, allowed) differences between a section's saved and given options, one line each."""
+    forbidden, permitted = [], []
+    for key in sorted(set(saved) | set(given)):
+        if key.startswith("_") or key not in given or key not in saved:
+            continue
+        before, now = _plain(saved[key]), _plain(given[key])
+        if before == now:
+            continue
+        if isinstance(before, list) and isinstance(now, list) and key == "callbacks":
+            line = f"{section}.{key}: other callbacks or callback settings than the checkpoint's run"
+        else:
+            line = f"{section}.{key}: {before!r} in the checkpoint, {now!r} now"
+        (permitted if key in allowed else forbidden).append(line)
+    return forbidden, permitted
+
+
+def check_resume_options(
+    checkpoint_path: Path,
+    checkpoint: dict[str, Any],
+    model: dict[str, Any],
+    data: dict[str, Any],
+    trainer: dict[str, Any],
+    saved_config: dict[str, Any] | None,
+) -> list[str]:
+    """Stop when the command's options would train another model than the checkpoint's run; return the
+    permitted changes (to print)."""
+    forbidden, permitted = option_differences(
+        checkpoint.get("hyper_parameters", {}), model, "model", RESUMABLE_MODEL_OPTIONS
+    )
+    data_forbidden, data_permitted = option_differences(
+        checkpoint.get("datamodule_hyper_parameters", {}), data, "data", RESUMABLE_DATA_OPTIONS
+    )
+    forbidden += data_forbidden
+    permitted += data_permitted
+    if saved_config is not None:
+        saved_trainer = {k: v for k, v in (saved_config.get("trainer") or {}).items() if k != "logger"}
+        given_trainer = {k: v for k, v in trainer.items() if k != "logger"}
+        allowed_trainer = set(given_trainer) - FIXED_TRAINER_OPTIONS
+        trainer_forbidden, trainer_permitted = option_differences(
+            saved_trainer, given_trainer, "trainer", allowed_trainer
+        )
+        forbidden += trainer_forbidden
+        permitted += trainer_permitted
+    if forbidden:
+        listing = "\n".join(f"  {line}" for line in forbidden)
+        raise Phi2TutorError(
+            f"Cannot resume from {checkpoint_path}: these options differ from the run that wrote it, and a "
+            f"resumed run trains the checkpoint's model with the checkpoint's settings:\n{listing}\n"
+            "To continue that run, give the options it was started with (its config.yaml). To train with "
+            "the new values, start a new run: leave out --ckpt_path (it gets a new version directory), and "
+            "to start from what the old run learned, set model.adapter_path to its adapter directory."
+        )
+    return permitted
+
+
+def saved_run_config(location: RunLocation | None) -> dict[str, Any] | None:
+    """The config.yaml that LightningCLI wrote into the run directory at the start of fit, if any."""
+    if location is None or not (location.directory / CONFIG_YAML).is_file():
+        return None
+    import yaml
+
+    return yaml.safe_load((location.directory / CONFIG_YAML).read_text())
+
+
+def _plain(value: Any) -> Any:
+    """A jsonargparse Namespace or a dataclass as the dict a checkpoint holds; numbers as floats when whole
+    (YAML's 3 and the checkpoint's 3.0 are the same option)."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    elif hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def resolve_fit_resume(fit: Any) -> None:
+    """Before the Trainer is built: turn ``fit.ckpt_path`` (``last`` or a path) into the checkpoint file,
+    point the logger at the run directory it continues, and check the options against the checkpoint's.
+
+    ``fit`` is LightningCLI's parsed ``fit`` section (a jsonargparse Namespace), changed in place.
+    """
+    requested = fit.get("ckpt_path")
+    if not requested or requested in ("hpc", "best", "registry"):
+        return
+    logger = fit.get("trainer.logger")
+    logger_args = _tensorboard_init_args(logger)
+    if requested == "last":
+        search_dirs = _checkpoint_dirs(fit, logger_args)
+        checkpoint_path = find_last_checkpoint(search_dirs)
+        if checkpoint_path is None:
+            looked = ", ".join(str(d) for d in search_dirs) or "(no checkpoint directory is configured)"
+            raise Phi2TutorError(
+                f"--ckpt_path last: no last.ckpt to resume from in {looked}. Give the checkpoint's path "
+                "(lightning_logs/version_N/checkpoints/last.ckpt), or leave out --ckpt_path to start a new run; "
+                "a run only writes last.ckpt with a ModelCheckpoint(save_last=true) callback."
+            )
+    else:
+        checkpoint_path = Path(requested)
+        if not checkpoint_path.is_file():
+            raise Phi2TutorError(f"--ckpt_path {requested}: no such checkpoint file.")
+    import torch
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    location = run_location(checkpoint_path)
+    permitted = check_resume_options(
+        checkpoint_path,
+        checkpoint,
+        _plain(fit.get("model")) or {},
+        _plain(fit.get("data")) or {},
+        _plain(fit.get("trainer")) or {},
+        saved_run_config(location),
+    )
+    fit["ckpt_path"] = str(checkpoint_path)
+    from lightning.pytorch.utilities import rank_zero_info
+
+    where = "a new run directory"
+    if location is not None and logger_args is not None:
+        logger_args["save_dir"] = str(location.save_dir)
+        logger_args["name"] = location.name
+        logger_args["version"] = location.version
+        # TensorBoard drops what the interrupted segment logged after this step, so the resumed run's
+        # events replace them instead of doubling them.
+        logger["dict_kwargs"] = {**(logger.get("dict_kwargs") or {}), "purge_step": checkpoint["global_step"]}
+        where = str(location.directory)
+    rank_zero_info(
+        f"phi2tutor | resuming from {checkpoint_path} (epoch {checkpoint['epoch'] + 1}, step "
+        f"{checkpoint['global_step']}) into {where}"
+    )
+    for line in permitted:
+        rank_zero_info(f"phi2tutor | changed on resume: {line}")
+
+
+def _tensorboard_init_args(logger: Any) -> Any:
+    """The init_args of a TensorBoardLogger config (None for another logger, a list or no logger)."""
+    if logger is None or isinstance(logger, (bool, list)):
+        return None
+    class_path = str(logger.get("class_path", ""))
+    return logger.get("init_args") if class_path.endswith("TensorBoardLogger") else None
+
+
+def _checkpoint_dirs(fit: Any, logger_args: Any) -> list[Path]:
+    """Where the configured run writes checkpoints: every version of its logger directory, and the
+    ModelCheckpoint callbacks' own dirpath."""
+    directories = []
+    if logger_args is not None:
+        root = Path(logger_args.get("save_dir") or ".") / (logger_args.get("name") or "lightning_logs")
+        directories += sorted(root.glob("version_*/checkpoints")) or [root / "version_*" / "checkpoints"]
+    else:
+        directories.append(Path(fit.get("trainer.default_root_dir") or ".") / "checkpoints")
+    for callback in fit.get("trainer.callbacks") or []:
+        dirpath = (callback.get("init_args") or {}).get("dirpath") if hasattr(callback, "get") else None
+        if dirpath:
+            directories.append(Path(dirpath))
+    return directories

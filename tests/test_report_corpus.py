@@ -1,0 +1,153 @@
+"""The report on real trainer_state.json files of public training runs (tests/data/trainer_states/,
+SOURCES.md): every fact it states is checked against the file itself, computed here from the JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from phi2tutor.report import write_report
+from tests.test_report import numbers_in, numbers_of_json
+
+CORPUS = Path(__file__).parent / "data" / "trainer_states"
+FILES = sorted(CORPUS.glob("*.json"))
+WINDOW = 15  # PhaseDetection's default window: no boundary before this many points
+
+
+def strict_json(path: Path):
+    def refuse(token):
+        raise ValueError(f"{path} holds {token}: not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def expected_stop(state: dict) -> str:
+    control = ((state.get("stateful_callbacks") or {}).get("TrainerControl") or {}).get("args") or {}
+    if state["global_step"] >= state["max_steps"]:
+        return "max_steps"
+    if control.get("should_training_stop") is False:
+        return "checkpoint"
+    return "ended_before_max_steps" if "stateful_callbacks" not in state else "stopped"
+
+
+def expected_overfitting(state: dict) -> bool:
+    """The validation loss ends more than 5% above its best while the training loss fell after the best."""
+    evals = [(e["step"], e["eval_loss"]) for e in state["log_history"] if "eval_loss" in e]
+    if len(evals) < 2:
+        return False
+    best_step, best = min(evals, key=lambda item: item[1])
+    last_step, last = evals[-1]
+    if last_step == best_step or last <= best * 1.05:
+        return False
+    train = [(e["step"], e["loss"]) for e in state["log_history"] if "loss" in e]
+    before_best = [loss for step, loss in train if step <= best_step]
+    return bool(before_best) and train[-1][1] < before_best[-1]
+
+
+def test_the_corpus_holds_at_least_ten_real_files_with_their_sources() -> None:
+    sources = (CORPUS / "SOURCES.md").read_text()
+    assert len(FILES) >= 10
+    for path in FILES:
+        assert f"`{path.name}`" in sources, path.name
+    assert len(re.findall(r"\b[0-9a-f]{40}\b", sources)) >= len(FILES)
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_report_states_the_files_own_facts(path: Path, tmp_path: Path) -> None:
+    state = json.loads(path.read_text())
+    losses = [e for e in state["log_history"] if "loss" in e and "epoch" in e]
+    report = write_report(
+        path,
+        tmp_path,
+        draw_figures=path.stem in ("overfitting_ner_eval_rising", "t5_three_epochs_many_steps"),
+    )
+    written = strict_json(tmp_path / "report.json")
+    assert written["loss"] == report["loss"]
+    loss = report["loss"]
+    first, last = losses[0]["loss"], losses[-1]["loss"]
+    assert loss["first"]["value"] == pytest.approx(first, rel=2e-3, abs=1e-4)
+    assert loss["first"]["step"] == losses[0]["step"]
+    assert loss["last"]["value"] == pytest.approx(last, rel=2e-3, abs=1e-4)
+    assert loss["last"]["step"] == losses[-1]["step"]
+    if first:
+        assert loss["reduction_pct"] == pytest.approx(100 * (first - last) / first, abs=0.01)
+    assert report["stop"]["reason"] == expected_stop(state)
+    assert report["coverage"]["partial"] == (expected_stop(state) != "max_steps")
+    val = (report["validation"] or {}).get("val_loss") or {}
+    assert bool(val.get("overfitting")) == expected_overfitting(state)
+    phases = report["phases"]
+    if len(losses) < WINDOW:
+        assert phases["verdict"] != "phases" and phases["phases"] == []
+    if phases["verdict"] == "phases":
+        head = sorted(e["loss"] for e in losses[: len(losses) // 10])
+        tail = sorted(e["loss"] for e in losses[-(len(losses) // 10) :])
+        assert tail[len(tail) // 2] < head[len(head) // 2]  # phases of learning only where the loss fell
+    for phase in phases["phases"]:
+        share = phase["share_of_total_reduction_pct"]
+        assert share is None or 0 <= share <= 100
+    epochs_run = state["epoch"]
+    partial = loss["partial_epoch"]
+    assert (partial is not None) == (abs(epochs_run - round(epochs_run)) > 1e-6 and epochs_run % 1 > 1e-6)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "unknown%" not in markdown and not re.search(r"\bnan\b|\binf\b", markdown)  # Python's float words
+    missing = numbers_in(markdown) - numbers_of_json(report)
+    assert not missing, f"numbers in report.md that report.json lacks: {sorted(missing)}"
+    recommendation_text = markdown.split("## Recommendations")[1]
+    assert "GPUMemoryProfiler" not in markdown and "data.batch_size" not in recommendation_text
+    if "eval_accuracy" in json.dumps(state):
+        assert "Answer accuracy" not in markdown
+
+
+def test_flat_loss_at_chance_is_no_learning_not_phases(tmp_path: Path) -> None:
+    report = write_report(CORPUS / "one_epoch_noisy_falcon_lora.json", tmp_path, draw_figures=False)
+    assert report["phases"]["verdict"] == "flat" and report["phases"]["phases"] == []
+    assert [r["kind"] for r in report["recommendations"]] == ["no_learning"]
+    assert "No learning: the loss stayed at" in (tmp_path / "report.md").read_text()
+
+
+def test_mid_run_checkpoint_is_named_and_the_report_covers_it_up_to_its_step(tmp_path: Path) -> None:
+    write_report(
+        CORPUS / "mid_run_checkpoint_tinyllama_early_stopping_state.json", tmp_path, draw_figures=False
+    )
+    markdown = (tmp_path / "report.md").read_text()
+    assert "This report covers the run up to step 2800 (epoch 1.99) of max_steps 2808" in markdown
+    assert "It was still running: this state was saved at step 2800 of max_steps 2808" in markdown
+    assert "| Epochs run | 1.99 of 2: 1 complete, the last (2) partial (0.99 of it) |" in markdown
+    assert "Train for longer" not in markdown
+
+
+def test_overfitting_names_when_how_much_and_the_checkpoint(tmp_path: Path) -> None:
+    report = write_report(CORPUS / "overfitting_ner_eval_rising.json", tmp_path, language="es")
+    overfitting = report["validation"]["val_loss"]["overfitting"]
+    assert (overfitting["from_step"], overfitting["best"], overfitting["last"]) == (5600, 1.202, 1.9195)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Sobreajuste: desde el paso 5600 (época 4)" in markdown
+    assert "load_best_model_at_end=True" in markdown and "| Duración | 13 minutos, 1 segundo" in markdown
+    assert set(report["figures"]) == {"loss", "grad_norm_lr"}
+
+
+def test_nan_loss_is_found_marked_and_report_json_stays_strict(tmp_path: Path) -> None:
+    # Derived from a real file (not part of the corpus count): the loss and grad norm diverge at step 80,
+    # written by json.dumps as the Trainer writes it (bare NaN).
+    state = json.loads((CORPUS / "one_epoch_noisy_falcon_lora.json").read_text())
+    for entry in state["log_history"]:
+        if "loss" in entry and entry["step"] >= 80:
+            entry["loss"] = math.nan
+            entry["grad_norm"] = math.nan
+    source = tmp_path / "diverged" / "trainer_state.json"
+    source.parent.mkdir()
+    source.write_text(json.dumps(state, indent=2))
+    assert "NaN" in source.read_text()
+    report = write_report(source, tmp_path / "out", language="es")
+    strict_json(tmp_path / "out" / "report.json")
+    assert report["nonfinite"]["series"]["loss"]["first_step"] == 80
+    assert report["nonfinite"]["series"]["grad_norm"]["first_step"] == 80
+    assert report["loss"]["last"]["value"] is None and report["loss"]["last_finite"]["step"] == 70
+    assert report["recommendations"][0]["kind"] == "nonfinite"
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "La pérdida de entrenamiento es NaN desde el paso 80" in markdown
+    assert "max_grad_norm" in markdown and report["run_name"] == "diverged"

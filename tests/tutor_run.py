@@ -1,0 +1,47 @@
+"""A small trained tutor for the chat, serve and export tests: the demo's base (tiny-phi-arith) LoRA-tuned
+for one short epoch with trainable embeddings and lm_head, through the real `phi2tutor fit` (seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from phi2tutor.cli import main
+from tests.conftest import REPO, tiny_config, write_yaml
+
+DEMO_BASE = str(REPO / "phi2tutor" / "assets" / "tiny-phi-arith")
+# Held-out problems in the demo's style (the generator's test split is never trained on).
+HELD_OUT = [
+    "Ana has 7 apples and buys 5 more. How many apples does she have now?",
+    "Tom had 9 marbles and gave 4 to his sister. How many marbles does Tom have left?",
+    "A box holds 3 pens. How many pens are in 4 boxes?",
+    "Lucía tiene 8 lápices y compra 6 más. ¿Cuántos lápices tiene ahora?",
+]
+
+
+def train_tiny_tutor(tmp_path: Path) -> Path:
+    """Fit the tutor; returns its run directory (lightning_logs/version_0, with adapter/ and config.yaml)."""
+    config = tiny_config(
+        tmp_path,
+        trainer={"max_epochs": 2, "enable_checkpointing": False},
+        model={
+            "model_config": None,
+            "model_name_or_path": DEMO_BASE,
+            "lora_r": 8,
+            "lora_alpha": 16,
+            "modules_to_save": ["embed_tokens", "lm_head"],
+            "learning_rate": 0.002,
+            "max_new_tokens": 40,
+            "adapter_output_dir": str(tmp_path / "models" / "tiny-tutor"),
+        },
+        data={
+            "source": "synthetic",
+            "synthetic": {"train_size": 320, "val_size": 16, "test_size": 16, "max_operand": 10, "seed": 0},
+            "batch_size": 16,
+            "max_length": 96,
+        },
+    )
+    config["trainer"]["callbacks"] = [
+        {"class_path": "callbacks.report.TrainingReport", "init_args": {"figures": False}},
+    ]
+    main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
+    return sorted((tmp_path / "lightning_logs").glob("version_*"))[-1]
