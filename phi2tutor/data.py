@@ -403,9 +403,12 @@ class MathDataModule(LightningDataModule):
                 self.datasets[split] = self._tokenize(rows[split], split)
         if stage == "fit" and self.truncated_examples and self.trainer is not None and self.trainer.logger:
             self.trainer.logger.log_metrics({TRUNCATED_KEY: self.truncated_examples}, step=0)
-        if stage == "fit" and self.hparams.audit and self.trainer is not None and self.trainer.is_global_zero:
-            report = self.write_data_report(self.trainer.log_dir or self.trainer.default_root_dir)
-            rank_zero_info(f"phi2tutor | data report: {report}")
+        if stage == "fit" and self.hparams.audit and self.trainer is not None:
+            # trainer.log_dir broadcasts under DDP: every process asks, rank zero writes.
+            run_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            if self.trainer.is_global_zero:
+                report = self.write_data_report(run_dir)
+                rank_zero_info(f"phi2tutor | data report: {report}")
 
     def audit_splits(self) -> dict:
         """Every split as fit sees it, with token lengths, for phi2tutor.data_audit."""

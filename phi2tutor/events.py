@@ -40,6 +40,8 @@ def read_texts(run_dir: str | Path) -> dict[str, list[tuple[int, str]]]:
         accumulator = EventAccumulator(str(path), size_guidance={"tensors": 0})
         accumulator.Reload()
         for tag in accumulator.Tags().get("tensors", []):
+            if accumulator.SummaryMetadata(tag).plugin_data.plugin_name != "text":
+                continue  # e.g. the custom-scalars layout: a serialized proto, not text
             for event in accumulator.Tensors(tag):
                 values = event.tensor_proto.string_val
                 if values:
