@@ -405,8 +405,13 @@ class MathDataModule(LightningDataModule):
             self.trainer.logger.log_metrics({TRUNCATED_KEY: self.truncated_examples}, step=0)
         if stage == "fit" and self.hparams.audit and self.trainer is not None:
             # trainer.log_dir broadcasts under DDP: every process asks, rank zero writes.
-            run_dir = self.trainer.log_dir or self.trainer.default_root_dir
-            if self.trainer.is_global_zero:
+            run_dir = self.trainer.log_dir if self.trainer.loggers else None
+            if run_dir is None:
+                rank_zero_info(
+                    "phi2tutor | no run directory (no logger): the data report is not written; "
+                    "`phi2tutor data --config ...` writes it"
+                )
+            elif self.trainer.is_global_zero:
                 report = self.write_data_report(run_dir)
                 rank_zero_info(f"phi2tutor | data report: {report}")
 
