@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from phi2tutor.errors import Phi2TutorError
-from phi2tutor.grading import MathAnswerAccuracy, grade, read_jsonl, reference_answer
+from phi2tutor.grading import grade, read_jsonl, reference_answer
 from phi2tutor.keys import (
     ACCURACY_KEY,
     CALCULATOR_CALLS_KEY,
@@ -24,6 +24,7 @@ from phi2tutor.keys import (
     INVALID_RATE_KEY,
     SAMPLES_KEY,
 )
+from phi2tutor.metrics import MathAnswerAccuracy
 
 # Table cells longer than this are cut: TensorBoard's text view is for skimming, not for reading essays.
 _MAX_CELL_CHARS = 400
@@ -35,13 +36,14 @@ class MathAnswerEval(Callback):
     Takes the first ``num_problems`` problems of the datamodule's ``eval_problems("val")`` (or of
     ``problems_file``), generates with ``pl_module.generate`` (greedy), grades the final answers and logs
     val/answer_accuracy, val/answer_invalid_rate, val/answer_eval_seconds and a table of sample
-    generations (TensorBoard text, val/answer_samples). It runs every ``every_n_epochs`` validation runs,
-    at every ``trainer.validate``, and when fit ends (unless the last validation already graded the final
+    generations (TensorBoard text, val/answer_samples). It runs at the validation of every
+    ``every_n_epochs``-th epoch (epochs 2, 4, 6... for 2, whatever ``check_val_every_n_epoch`` is), at every
+    ``trainer.validate``, and when fit ends (unless the last validation already graded the final
     weights). Under DDP each process generates for its shard of the problems and the counts are summed
     across processes.
 
     ModelCheckpoint and EarlyStopping can monitor val/answer_accuracy. With every_n_epochs > 1 the key is
-    missing on the other validation runs, so give ModelCheckpoint the same every_n_epochs and EarlyStopping
+    missing on the other epochs, so give ModelCheckpoint the same every_n_epochs and EarlyStopping
     strict=False (or keep every_n_epochs=1 and thin out validation with check_val_every_n_epoch).
 
     When the tutor decodes with the calculator (TutorModule's ``calculator``), it also logs
@@ -49,15 +51,16 @@ class MathAnswerEval(Callback):
     val/calculator_changed (of those, how many differ from what the model would have written itself).
 
     The results so far are in ``history``, saved in checkpoints: one dict per evaluation with epoch
-    (trainer.current_epoch; at fit end that is the number of epochs trained), step (global step), stage
+    (1-based, as every message says it: the epoch just validated; at fit end the number of epochs trained,
+    0 before training), step (global step), stage
     ("validation", "validate" or "fit_end"), accuracy, invalid_rate, correct, invalid, total and seconds,
     and calculator (on or off) with calculator_calls, calculator_changed and calculator_declined (None
     when it was off).
     The last sample rows are in ``last_samples``.
 
     Args:
-        every_n_epochs: evaluate at every n-th validation run during fit (0: only when fit ends).
-            Generation is slow, so evaluating less often than validation saves time.
+        every_n_epochs: evaluate at the validation of every n-th epoch during fit (0: only when fit
+            ends). Generation is slow, so evaluating less often than validation saves time.
         num_problems: how many held-out problems to solve each time (always the same ones, the first of
             the split, so results are comparable across epochs). ``phi2tutor test`` grades the whole
             test split.
@@ -106,7 +109,7 @@ class MathAnswerEval(Callback):
         self.evaluate_before_training = evaluate_before_training
         self.history: list[dict[str, Any]] = []
         self.last_samples: list[dict[str, Any]] = []
-        # Counted rather than derived from current_epoch so that val_check_interval < 1 works too.
+        # Kept in the checkpoint state for the record; the every_n_epochs rule counts epochs.
         self._validation_runs = 0
         self._problems: list[dict[str, str]] | None = None
         self._split = "val"
@@ -145,7 +148,9 @@ class MathAnswerEval(Callback):
             return
         if trainer.state.fn == TrainerFn.FITTING:
             self._validation_runs += 1
-            if self.every_n_epochs == 0 or self._validation_runs % self.every_n_epochs != 0:
+            # Epochs, not validation runs: with check_val_every_n_epoch=2 and every_n_epochs=2 this grades
+            # epochs 2, 4, 6 (counting validation runs would grade 4, 8, 12).
+            if self.every_n_epochs == 0 or (trainer.current_epoch + 1) % self.every_n_epochs != 0:
                 return
             stage = "validation"
         else:
@@ -262,7 +267,7 @@ class MathAnswerEval(Callback):
         calculator = self._calculator_counts(trainer, pl_module, bool(shard))
         seconds = time.perf_counter() - started
         result = {
-            "epoch": trainer.current_epoch,
+            "epoch": _epoch_number(trainer, stage),
             "step": trainer.global_step,
             "stage": stage,
             "accuracy": summary["accuracy"],
@@ -349,6 +354,17 @@ class MathAnswerEval(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text(SAMPLES_KEY, table, global_step=_logger_step(trainer))
+
+
+def _epoch_number(trainer: pl.Trainer, stage: str) -> int:
+    """The 1-based epoch an evaluation belongs to, as every message numbers epochs: the epoch being
+    validated, the number of epochs trained at fit end (current_epoch has moved past the last one), 0 before
+    training."""
+    if stage == "before_training":
+        return 0
+    if stage in ("fit_end", "validate", "test"):
+        return trainer.current_epoch
+    return trainer.current_epoch + 1
 
 
 def _calculator_metrics(result: dict[str, Any], reduce_fx: str) -> list[tuple[str, float, str]]:

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from phi2tutor.errors import attach_explanation, first_line
+from phi2tutor.errors import attach_explanation, check_option, first_line
 from phi2tutor.keys import MEMORY_JSON, MEMORY_PREFIX
 from phi2tutor.memory import MB, MemoryEstimate, format_breakdown_table
 
@@ -130,10 +130,13 @@ class GPUMemoryProfiler(Callback):
                 https://pytorch.org/memory_viz). 0 turns it off; CUDA only.
         """
         super().__init__()
-        if every_n_steps < 1:
-            raise ValueError("every_n_steps must be >= 1")
-        if budget_mb <= 0 or not 0 < warn_fraction <= 1:
-            raise ValueError("budget_mb must be > 0 and warn_fraction in (0, 1]")
+        for name, value, valid, requirement in (
+            ("every_n_steps", every_n_steps, every_n_steps >= 1, "a positive number of optimizer steps"),
+            ("budget_mb", budget_mb, budget_mb > 0, "positive (the card's memory in MB, 4096 for 4 GB)"),
+            ("warn_fraction", warn_fraction, 0 < warn_fraction <= 1, "in (0, 1]"),
+            ("snapshot_steps", snapshot_steps, snapshot_steps >= 0, "0 (off) or a positive number of steps"),
+        ):
+            check_option("GPUMemoryProfiler", name, value, valid, requirement)
         self.every_n_steps = every_n_steps
         self.budget_mb = float(budget_mb)
         self.warn_fraction = warn_fraction
@@ -269,7 +272,7 @@ class GPUMemoryProfiler(Callback):
         where = "the GPU's peak allocated" if self.on_cuda else "the process's peak resident memory"
         reserved = f", reserved {summary['reserved_mb']:.0f} MB" if summary["reserved_mb"] is not None else ""
         lines = [
-            f"CUDA ran out of memory at step {trainer.global_step} (epoch {trainer.current_epoch}) on "
+            f"CUDA ran out of memory at step {trainer.global_step} (epoch {trainer.current_epoch + 1}) on "
             f"{summary['device']}: {where} reached {peak:.0f} MB, {summary['percent_of_budget']:.0f}% of the "
             f"{self.budget_mb:.0f} MB budget{reserved}.",
         ]

@@ -75,6 +75,7 @@ class TrainingReport(Callback):
         self._started_wall: float | None = None
         self._started_at: str | None = None
         self._written = False
+        self._training_started = False
         self._run_dir: Path | None = None
         # Segments of this run before the checkpoint it resumed from: start time and training seconds.
         self._earlier_segments: list[dict[str, Any]] = []
@@ -82,6 +83,7 @@ class TrainingReport(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._written = False
+            self._training_started = False
             self._earlier_segments = []  # a resumed run gets them back in load_state_dict, after setup
             # Read here, on every process: under DDP trainer.log_dir is a collective (a broadcast from rank 0)
             # that rank 0 alone, or an exception handler, cannot call.
@@ -92,6 +94,7 @@ class TrainingReport(Callback):
         # The training loop's own duration, as the HF Trainer's train_runtime measures it: model loading
         # and the sanity check are not training.
         self._mark_start()
+        self._training_started = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # teardown runs after every callback's on_fit_end (GPUMemoryProfiler writes memory.json there).
@@ -107,6 +110,10 @@ class TrainingReport(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         if self._written or trainer.state.fn != "fit":
+            return
+        if not self._training_started:
+            # A run that failed while loading (bad data, model, option) has nothing to report; the error
+            # itself is the message, and no run.json is left for the user to clean up.
             return
         kind = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         stop = {

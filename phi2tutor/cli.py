@@ -4,17 +4,25 @@ MathDataModule, plus the analysis commands score, report and plan, which need no
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
+from pathlib import Path
 
 EXTRA_COMMANDS = {
     "score": "Grade a predictions file (.jsonl) from any system: accuracy, correct, wrong, invalid.",
     "report": "Write the training report of a finished run (run directory or HF trainer_state.json).",
     "plan": "Estimate the peak GPU memory of a config before loading anything; does it fit the budget?",
+    "doctor": "Check this machine (GPU, torch build, bitsandbytes, bf16, free memory) against a config.",
     "chat": "Ask a trained tutor questions in the terminal (streamed answers), or --question / stdin for scripts.",
     "serve": "Serve a trained tutor over an OpenAI-compatible HTTP API (LitServe): /v1/chat/completions ...",
     "export": "Merge a trained tutor's LoRA into its base: a transformers model directory, or GGUF for llama.cpp.",
     "data": "Audit a config's data as fit reads it: duplicates, train/test overlap, lengths, difficulty.",
 }
+DEBUG_ENV = "PHI2TUTOR_DEBUG"
+# The logger's save_dir when the user names none: it then follows trainer.default_root_dir (Lightning's rule).
+DEFAULT_LOG_ROOT = "."
 
 DESCRIPTION = """Fine-tune Phi-2 into a math tutor with LoRA/QLoRA and explain the run.
 
@@ -51,28 +59,41 @@ def top_level_help() -> str:
 
 
 def _tokenizer_source(model_name_or_path: str, tokenizer_name_or_path: str | None, model_config: dict | None):
-    if tokenizer_name_or_path:
-        return tokenizer_name_or_path
-    if model_config is not None:
-        from phi2tutor.loading import bundled_tokenizer_dir
+    from phi2tutor.loading import tokenizer_source
 
-        return str(bundled_tokenizer_dir())
-    return model_name_or_path
+    return tokenizer_source(tokenizer_name_or_path, model_name_or_path, model_config)
 
 
 def build_cli_class():
+    from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from callbacks.dashboard import TensorBoardDashboard
+    from callbacks.predictions import PredictionWriter
 
     class SaveFitConfig(SaveConfigCallback):
-        """Saves the config of a training run into its run directory; evaluation commands write nothing
-        (with ``--trainer.logger false`` they would otherwise drop config.yaml in the working directory)."""
+        """Saves the config of a training run into its run directory; evaluation commands write nothing,
+        and neither does a run without a logger (it has no run directory: config.yaml would land in the
+        working directory)."""
 
         def setup(self, trainer, pl_module, stage: str) -> None:
-            if stage == "fit":
-                super().setup(trainer, pl_module, stage)
+            if stage != "fit":
+                return
+            if trainer.logger is None:
+                rank_zero_info(
+                    "phi2tutor | no logger (trainer.logger false): no run directory, config.yaml not saved"
+                )
+                return
+            super().setup(trainer, pl_module, stage)
 
     class TutorCLI(LightningCLI):
-        """LightningCLI with the data and model options that must agree linked together."""
+        """LightningCLI with the data and model options that must agree linked together, and Lightning's own
+        conventions for the defaults it adds: the logger writes under trainer.default_root_dir,
+        LearningRateMonitor joins only when there is a logger, the PredictionWriter only when the config
+        names no prediction writer of its own."""
+
+        new_run_directory: Path | None = None  # set by before_fit: removed again if the run never starts
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments(
@@ -98,40 +119,111 @@ def build_cli_class():
 
                 resolve_fit_resume(self.config["fit"])
 
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(str(self.subcommand), self.config)
+            trainer = config.get("trainer")
+            logger = trainer.get("logger") if trainer is not None else None
+            init_args = getattr(logger, "init_args", None)
+            root = trainer.get("default_root_dir") if trainer is not None else None
+            if root is not None and init_args is not None and init_args.get("save_dir") == DEFAULT_LOG_ROOT:
+                init_args.save_dir = root
+
+        def instantiate_trainer(self, **kwargs):
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            configured = trainer_config.get("callbacks") or []
+            configured = configured if isinstance(configured, list) else [configured]
+            added = []
+            if trainer_config.get("logger") not in (None, False, []):
+                # The lr curve is part of every report; without a logger there is nothing to log it to.
+                added.append(LearningRateMonitor(logging_interval="step"))
+                # phi2tutor's TensorBoard dashboard (it does nothing without a TensorBoard logger).
+                added.append(TensorBoardDashboard())
+            if not any(isinstance(callback, BasePredictionWriter) for callback in configured):
+                added.append(PredictionWriter())
+            return super().instantiate_trainer(callbacks=[*configured, *added], **kwargs)
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads the checkpoint's hyperparameters here first: a damaged or foreign file must
+            # stop with one message before torch's or Lightning's tracebacks.
+            config = (
+                self.config.get(str(self.config.get("subcommand")), {})
+                if self.config.get("subcommand")
+                else {}
+            )
+            ckpt_path = config.get("ckpt_path") if config else None
+            if ckpt_path and Path(ckpt_path).is_file():
+                from phi2tutor.loading import check_checkpoint
+
+                check_checkpoint(ckpt_path)
+            super()._parse_ckpt_path()
+
+        def _remember_new_run_directory(self) -> None:
+            logger = self.trainer.logger
+            log_dir = getattr(logger, "log_dir", None) if logger is not None else None
+            if log_dir is not None and self.trainer.is_global_zero and not Path(log_dir).exists():
+                TutorCLI.new_run_directory = Path(log_dir)
+
+        before_fit = before_validate = before_test = before_predict = _remember_new_run_directory
+
     TutorCLI.save_fit_config_class = SaveFitConfig
     return TutorCLI
 
 
 def run_lightning_cli(args: list[str] | None) -> None:
-    from lightning.pytorch.callbacks import LearningRateMonitor
-
-    from callbacks.dashboard import TensorBoardDashboard
-    from callbacks.predictions import PredictionWriter
     from phi2tutor.data import MathDataModule
     from phi2tutor.model import TutorModule
 
     cli_class = build_cli_class()
-    cli_class(
-        TutorModule,
-        MathDataModule,
-        args=args,
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": ".", "name": "lightning_logs", "default_hp_metric": False},
+    try:
+        cli_class(
+            TutorModule,
+            MathDataModule,
+            args=args,
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {
+                        "save_dir": DEFAULT_LOG_ROOT,
+                        "name": "lightning_logs",
+                        "default_hp_metric": False,
+                    },
+                },
             },
-            # Always on: the lr curve is part of every report, predict always writes its file, TensorBoard
-            # shows phi2tutor's dashboard.
-            "callbacks": [
-                LearningRateMonitor(logging_interval="step"),
-                PredictionWriter(),
-                TensorBoardDashboard(),
-            ],
-        },
-        parser_kwargs={"description": DESCRIPTION},
-        save_config_callback=cli_class.save_fit_config_class,
-        save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
+            save_config_callback=cli_class.save_fit_config_class,
+            save_config_kwargs={"overwrite": True},
+        )
+    except BaseException:
+        _remove_unstarted_run(cli_class.new_run_directory)
+        raise
+
+
+def _remove_unstarted_run(run_directory: Path | None) -> None:
+    """Remove the version_N/ that a failed command created before it logged anything: it holds no more than
+    an empty event file and the config, and a user would have to clean it up by hand. A directory with a
+    checkpoint, or one that existed before the run (a resumed run), is never touched."""
+    if run_directory is None or not run_directory.is_dir():
+        return
+    from phi2tutor.keys import CONFIG_YAML
+
+    leftovers = [path for path in run_directory.rglob("*") if path.is_file()]
+    disposable = all(
+        path.name.startswith("events.out.tfevents.") or path.name in (CONFIG_YAML, "hparams.yaml")
+        for path in leftovers
     )
+    if disposable and not _has_results(run_directory):
+        shutil.rmtree(run_directory, ignore_errors=True)
+
+
+def _has_results(run_directory: Path) -> bool:
+    """Whether the run logged any result (a loss, an accuracy); the truncation count logged in setup is none."""
+    try:
+        from phi2tutor.events import read_scalars
+        from phi2tutor.keys import TRUNCATED_KEY
+
+        return bool(set(read_scalars(run_directory)) - {TRUNCATED_KEY})
+    except Exception:  # unreadable events: keep the directory rather than guess
+        return True
 
 
 def run_extra_command(name: str, args: list[str]) -> None:
@@ -161,6 +253,10 @@ def run_extra_command(name: str, args: list[str]) -> None:
         main_export(args)
     elif name == "data":
         main_data(args)
+    elif name == "doctor":
+        from phi2tutor.doctor import main_doctor
+
+        main_doctor(args)
 
 
 def instantiate_from_args(args: list[str]):
@@ -215,9 +311,53 @@ def main_data(args: list[str]) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    from phi2tutor.errors import Phi2TutorError, explanation
+def user_error(error: BaseException) -> BaseException | None:
+    """The user-input error behind ``error``, if any: a Phi2TutorError anywhere in its chain of causes
+    (jsonargparse wraps a callback's constructor error in a "Does not validate against any of the Union
+    subtypes" ValueError), or a file system refusal (read-only or full disk) on a named path."""
+    from phi2tutor.errors import Phi2TutorError
 
+    seen: set[int] = set()
+    pending = [error]
+    filesystem_error = None
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, Phi2TutorError):
+            return current
+        if filesystem_error is None and isinstance(current, OSError) and current.errno in _REFUSALS:
+            filesystem_error = current
+        pending += [current.__cause__, current.__context__]
+    return filesystem_error
+
+
+_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
+
+
+def describe(error: BaseException) -> str:
+    """The one paragraph printed for a user error."""
+    if isinstance(error, OSError):
+        where = error.filename or "a file of the run"
+        if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
+            what = "the disk is full"
+        elif error.errno == errno.EROFS:
+            what = "the file system is read-only"
+        elif error.errno == errno.ENOTDIR:
+            what = "a part of that path is a file, not a directory"
+        else:
+            what = "permission denied"
+        return (
+            f"Cannot write {where}: {what}. A run writes its logs, checkpoints and adapter under "
+            "trainer.default_root_dir (default the working directory), or where the config says (the "
+            "logger's save_dir, a ModelCheckpoint's dirpath, model.adapter_output_dir): make that directory "
+            "writable, or point the option at one you can write to. Files saved before this are intact."
+        )
+    return str(error)
+
+
+def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) == 1 and args[0] in HELP_FLAGS:
         # The top-level help must answer at once: LightningCLI would import torch and Lightning first.
@@ -229,11 +369,16 @@ def main(argv: list[str] | None = None) -> None:
         else:
             # LightningCLI reads sys.argv itself; pass args only when called from Python.
             run_lightning_cli(None if argv is None else args)
-    except Phi2TutorError as error:
-        print(f"phi2tutor: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
     except Exception as error:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        found = user_error(error)
+        if found is not None:
+            print(f"phi2tutor: error: {describe(found)}", file=sys.stderr)
+            raise SystemExit(2) from None
         # A failure a callback explained (out of memory): its explanation, not a traceback; not bad input.
+        from phi2tutor.errors import explanation
+
         text = explanation(error)
         if text is None:
             raise

@@ -20,9 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from phi2tutor.calculator import annotated_data
-from phi2tutor.errors import Phi2TutorError, first_line
+from phi2tutor.errors import Phi2TutorError, check_option, first_line
+from phi2tutor.files import read_text, require_file, text_lines
 from phi2tutor.grading import reference_answer
 from phi2tutor.keys import TRUNCATED_KEY
+from phi2tutor.phi2 import PHI2_HUB_ID
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
 from phi2tutor.synthetic import SyntheticSpec, generate_splits
 
@@ -243,6 +245,19 @@ class MathDataModule(LightningDataModule):
             tokenizer_name_or_path: Tokenizer to use; the CLI links it to the model's tokenizer.
         """
         super().__init__()
+        for name, value, valid, requirement in (
+            ("batch_size", batch_size, batch_size >= 1, "a positive integer"),
+            (
+                "eval_batch_size",
+                eval_batch_size,
+                eval_batch_size is None or eval_batch_size >= 1,
+                "a positive integer or null (batch_size)",
+            ),
+            ("max_length", max_length, max_length >= 2, "at least 2 tokens"),
+            ("val_fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),
+            ("num_workers", num_workers, num_workers >= 0, "0 or more"),
+        ):
+            check_option("data", name, value, valid, requirement)
         self.save_hyperparameters(ignore=["tokenizer_name_or_path"])
         self.synthetic = synthetic or SyntheticSpec()
         self.tokenizer_name_or_path = tokenizer_name_or_path
@@ -269,7 +284,10 @@ class MathDataModule(LightningDataModule):
             rows = {}
             for split in SPLITS:
                 self._annotations_seen = []
-                rows[split] = [self._clean(r, "question", "answer") for r in splits[split]]
+                rows[split] = [
+                    self._clean(r, "question", "answer", f"synthetic {split} problem {number}")
+                    for number, r in enumerate(splits[split], start=1)
+                ]
                 self.annotations[split] = self._annotations_seen
         else:
             raw = self._read_files() if hp.source == "files" else self._read_hub()
@@ -302,23 +320,27 @@ class MathDataModule(LightningDataModule):
             raise Phi2TutorError(
                 "data.source is 'files' but data.train_path is not set: give a .jsonl, .json or .parquet file."
             )
-        raw = {"train": (hp.train_path, read_records(hp.train_path))}
-        if hp.val_path:
-            raw["val"] = (hp.val_path, read_records(hp.val_path))
-        if hp.test_path:
-            raw["test"] = (hp.test_path, read_records(hp.test_path))
+        raw = {}
+        for split, path in (("train", hp.train_path), ("val", hp.val_path), ("test", hp.test_path)):
+            if path:
+                raw[split] = (path, read_records(path, f"{split} data (data.{split}_path)"))
         return raw
 
-    def _read_hub(self) -> dict[str, tuple[str, list[tuple[int, dict]]]]:
+    def prepare_data(self) -> None:
+        """Download the hub dataset into the datasets cache. Lightning calls this once per node (local rank
+        zero) before any process's setup, so under DDP the download happens once; setup then reads the cache."""
+        if self.hparams.source == "hub":
+            self._hub_tables()
+
+    def _hub_tables(self) -> dict[str, Any]:
         hp = self.hparams
         try:
             import datasets
 
-            raw = {}
-            for split, hub_split in (("train", hp.hub_train_split), ("test", hp.hub_test_split)):
-                table = datasets.load_dataset(hp.hub_dataset, hp.hub_config, split=hub_split)
-                raw[split] = (f"{hp.hub_dataset}[{hub_split}]", list(enumerate(table, start=1)))
-            return raw
+            return {
+                split: datasets.load_dataset(hp.hub_dataset, hp.hub_config, split=hub_split)
+                for split, hub_split in (("train", hp.hub_train_split), ("test", hp.hub_test_split))
+            }
         except Exception as error:  # datasets raises many types for "not reachable"
             raise Phi2TutorError(
                 f"Could not load the dataset {hp.hub_dataset!r} (config {hp.hub_config!r}) from the hub: "
@@ -327,27 +349,23 @@ class MathDataModule(LightningDataModule):
                 "data.train_path (and data.test_path), or data.source: synthetic for the bundled problems."
             ) from None
 
+    def _read_hub(self) -> dict[str, tuple[str, list[tuple[int, dict]]]]:
+        hp = self.hparams
+        splits = {"train": hp.hub_train_split, "test": hp.hub_test_split}
+        # After prepare_data this reads datasets' local cache (load_dataset reuses a downloaded dataset).
+        return {
+            split: (f"{hp.hub_dataset}[{splits[split]}]", list(enumerate(table, start=1)))
+            for split, table in self._hub_tables().items()
+        }
+
     def _validate_rows(
         self, records: list[tuple[int, dict]], origin: str, split: str = "train"
     ) -> list[dict[str, str]]:
         hp = self.hparams
+        unit = "line" if origin.lower().endswith(".jsonl") else "row"
         rows, skipped = [], 0
         for number, record in records:
-            problem = None
-            if (
-                not isinstance(record, dict)
-                or hp.question_field not in record
-                or hp.answer_field not in record
-            ):
-                problem = (
-                    f"has no {hp.question_field!r} or {hp.answer_field!r} field"
-                    f" (fields: {sorted(record) if isinstance(record, dict) else type(record).__name__})"
-                )
-            elif (
-                "####" not in str(record[hp.answer_field])
-                or reference_answer(str(record[hp.answer_field])) is None
-            ):
-                problem = 'has an answer without a final "#### N"'
+            problem = row_problem(record, hp.question_field, hp.answer_field)
             if problem:
                 if hp.skip_invalid_rows:
                     skipped += 1
@@ -356,20 +374,21 @@ class MathDataModule(LightningDataModule):
                     reasons[reason] = reasons.get(reason, 0) + 1
                     continue
                 raise Phi2TutorError(
-                    f"{origin}, row {number} {problem}. Set data.question_field / data.answer_field to the "
+                    f"{origin}, {unit} {number} {problem}. Set data.question_field / data.answer_field to the "
                     "file's field names, fix the row, or set data.skip_invalid_rows: true to skip such rows."
                 )
-            rows.append(self._clean(record, hp.question_field, hp.answer_field))
+            rows.append(self._clean(record, hp.question_field, hp.answer_field, f"{origin}, {unit} {number}"))
         if skipped:
             rank_zero_info(f"phi2tutor | skipped {skipped} invalid rows of {origin} (data.skip_invalid_rows)")
         return rows
 
-    def _clean(self, record: dict, question_key: str, answer_key: str) -> dict[str, str]:
+    def _clean(self, record: dict, question_key: str, answer_key: str, where: str) -> dict[str, str]:
         answer = str(record[answer_key]).strip()
         self._annotations_seen.append(len(CALCULATOR_ANNOTATION.findall(answer)))
         if not self.calculator_annotations:
             answer = CALCULATOR_ANNOTATION.sub("", answer)
-        return {"question": str(record[question_key]).strip(), "answer": answer}
+        # "where" names the row in the user's terms (file and line) for later messages.
+        return {"question": str(record[question_key]).strip(), "answer": answer, "where": where}
 
     @property
     def calculator_annotations(self) -> bool:
@@ -393,7 +412,8 @@ class MathDataModule(LightningDataModule):
         if self.tokenizer is None:
             from phi2tutor.loading import load_tokenizer
 
-            self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, "microsoft/phi-2", None)
+            # Without the CLI's link to the model's tokenizer, Phi-2's (loading.tokenizer_source decides).
+            self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, PHI2_HUB_ID, None)
         if stage == "predict":
             return
         rows = self.load_rows()
@@ -474,7 +494,7 @@ class MathDataModule(LightningDataModule):
         examples, truncated, too_long = [], 0, []
         for index, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
             if len(prompt) >= hp.max_length:
-                too_long.append(index + 1)
+                too_long.append(rows[index].get("where", f"{split} row {index + 1}"))
                 continue
             ids = prompt + answer + [eos]
             if len(ids) > hp.max_length:
@@ -482,9 +502,10 @@ class MathDataModule(LightningDataModule):
                 ids = ids[: hp.max_length]
             examples.append(TokenizedExample(example_id=index, input_ids=ids, prompt_length=len(prompt)))
         if too_long and not hp.skip_invalid_rows:
+            listed = "; ".join(too_long[:5]) + ("; ..." if len(too_long) > 5 else "")
             raise Phi2TutorError(
-                f"{len(too_long)} prompts of the {split} split (rows {too_long[:5]}) are {hp.max_length} tokens "
-                "or longer, so nothing of their answers would be learned. Raise data.max_length, or set "
+                f"{len(too_long)} prompts of the {split} split ({listed}) are {hp.max_length} tokens or longer, "
+                "so nothing of their answers would be learned. Raise data.max_length, or set "
                 "data.skip_invalid_rows: true to skip them."
             )
         if truncated:
@@ -586,7 +607,7 @@ class MathDataModule(LightningDataModule):
             raise Phi2TutorError(
                 "phi2tutor predict needs data.predict_path: a .jsonl file with a question per line."
             )
-        records = read_records(self.hparams.predict_path)
+        records = read_records(self.hparams.predict_path, "questions (data.predict_path)")
         questions = []
         for number, record in records:
             if not isinstance(record, dict) or self.hparams.question_field not in record:
@@ -602,42 +623,84 @@ class MathDataModule(LightningDataModule):
         )
 
 
-def read_records(path: str | Path) -> list[tuple[int, Any]]:
-    """(line or row number, record) pairs from a .jsonl, .json or .parquet file, with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise Phi2TutorError(
-            f"Data file {str(path)!r} does not exist. Check the path in the config (data.*_path)."
+def row_problem(record: Any, question_field: str, answer_field: str) -> str | None:
+    """What is wrong with a training row, as the end of a sentence ("has ..."), or None when it is valid:
+    a JSON object whose question and answer are text, the answer ending in "#### N" with N a number."""
+    if not isinstance(record, dict) or question_field not in record or answer_field not in record:
+        fields = (
+            sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
         )
+        return f"has no {question_field!r} or {answer_field!r} field (fields: {fields})"
+    for field in (question_field, answer_field):
+        value = record[field]
+        if not isinstance(value, str):
+            return f"has a {field!r} that is not text but {json.dumps(value, default=str)[:60]}"
+        if not value.strip():
+            return f"has an empty {field!r}"
+    answer = record[answer_field]
+    if "####" not in answer:
+        return 'has an answer without a final "#### N"'
+    if reference_answer(answer) is None:
+        final = answer.rsplit("####", 1)[1].strip()
+        return f'has an answer whose final "#### {final[:30]}" is not a number'
+    return None
+
+
+def read_records(path: str | Path, what: str = "data") -> list[tuple[int, Any]]:
+    """(line or row number, record) pairs from a .jsonl, .json or .parquet file, with clear errors.
+
+    The number is the one the user finds the row under: the file's line for .jsonl (blank lines count),
+    the 1-based position in the list for .json and .parquet. ``what`` names the file in messages
+    (e.g. "data (data.train_path)").
+    """
+    path = Path(path)
     suffix = path.suffix.lower()
+    expected = {
+        ".jsonl": "JSON Lines, one object per line",
+        ".json": 'a JSON list of objects (or {"data": [...]})',
+        ".parquet": "a Parquet table",
+    }.get(suffix)
+    if expected is None:
+        raise Phi2TutorError(f"{path}: unsupported file type {suffix!r}. Use .jsonl, .json or .parquet.")
+    if suffix == ".parquet":
+        return _read_parquet(path, what)
+    text = read_text(path, what, expected)
     if suffix == ".jsonl":
         records = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append((number, json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise Phi2TutorError(
-                        f"{path}, line {number} is not valid JSON ({error.msg} at column {error.colno}). Each "
-                        "line of a .jsonl file must be one JSON object; fix or remove that line."
-                    ) from None
+        for number, line in enumerate(text_lines(text), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise Phi2TutorError(
+                    f"{path}, line {number} is not valid JSON ({error.msg} at column {error.colno}). Each "
+                    "line of a .jsonl file must be one JSON object; fix or remove that line."
+                ) from None
         return records
-    if suffix == ".json":
-        try:
-            content = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise Phi2TutorError(
-                f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
-            ) from None
-        if isinstance(content, dict) and isinstance(content.get("data"), list):
-            content = content["data"]
-        if not isinstance(content, list):
-            raise Phi2TutorError(f'{path} must hold a JSON list of objects (or {{"data": [...]}}).')
-        return list(enumerate(content, start=1))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise Phi2TutorError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+        ) from None
+    if isinstance(content, dict) and isinstance(content.get("data"), list):
+        content = content["data"]
+    if not isinstance(content, list):
+        raise Phi2TutorError(f'{path} must hold a JSON list of objects (or {{"data": [...]}}).')
+    return list(enumerate(content, start=1))
 
-        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
-    raise Phi2TutorError(f"{path}: unsupported file type {suffix!r}. Use .jsonl, .json or .parquet.")
+
+def _read_parquet(path: Path, what: str) -> list[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    require_file(path, what, "a Parquet table")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise Phi2TutorError(
+            f"{path} is not a readable Parquet file ({first_line(error)}). If it is CSV or JSON text, convert "
+            "it to .jsonl (one JSON object per line) or give it the matching extension."
+        ) from None
+    return list(enumerate(table.to_pylist(), start=1))

@@ -29,3 +29,22 @@ def attach_explanation(error: BaseException, text: str) -> None:
 def explanation(error: BaseException) -> str | None:
     """The explanation attached to ``error``, if any (the CLI prints it instead of a traceback)."""
     return getattr(error, EXPLANATION_ATTRIBUTE, None)
+
+
+def check_option(owner: str, name: str, value: object, valid: bool, requirement: str) -> None:
+    """Raise a Phi2TutorError naming ``owner``'s option ``name`` when ``valid`` is False.
+
+    Constructors call it, so a bad value stops the command while the config is read, in one paragraph,
+    before a library deep inside fails on it (torch's DataLoader on a negative batch size, peft on r=0).
+
+    Args:
+        owner: the option's prefix as the user writes it ("data", "model", "GPUMemoryProfiler").
+        name: the option.
+        value: its value.
+        valid: whether the value is acceptable.
+        requirement: what it must be ("a positive integer"), completing "it must be ...".
+    """
+    if not valid:
+        raise Phi2TutorError(
+            f"{owner}.{name}={value!r} is invalid: it must be {requirement}. Fix the option."
+        )

@@ -1,7 +1,8 @@
 """Final-answer grading: extract the answer from a solution text, compare it with the reference numerically.
 
 One source of truth for the MathAnswerEval callback, ``phi2tutor validate`` and ``phi2tutor score``; the
-rules follow lm-evaluation-harness's gsm8k task. Pure Python apart from the torchmetrics metric at the end.
+rules follow lm-evaluation-harness's gsm8k task. Pure Python: no torch import, so ``phi2tutor score`` starts at once
+(the torchmetrics metric that sums grades across processes is phi2tutor.metrics.MathAnswerAccuracy).
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import torch
-from torchmetrics import Metric
-
 from phi2tutor.errors import Phi2TutorError
+from phi2tutor.files import read_text, text_lines
 
 # lm-evaluation-harness gsm8k, kept verbatim for reference; the patterns used below are supersets of these
 # (they also keep a "/denominator" so that "1/2" is not read as "2", and accept "####72" and "#### $72").
@@ -193,7 +192,9 @@ def extract_answer(text: str, decimal_comma: bool = False) -> str | None:
 def reference_answer(answer_text: str, decimal_comma: bool = False) -> str | None:
     """The reference's final answer: what follows the last "####" of a GSM8K solution, or a bare number.
 
-    Returns None when the text has neither (a full solution without "####" is not guessed at).
+    Returns None when the text has neither (a full solution without "####" is not guessed at), and when
+    what follows "####" is not a number ("#### seven"): a reference must be gradable numerically. The same
+    rule decides which training rows are valid (phi2tutor.data) and which ``score`` references are.
 
     Args:
         answer_text: a GSM8K-style solution "... #### 72", or just "72" / "$1,200".
@@ -201,7 +202,9 @@ def reference_answer(answer_text: str, decimal_comma: bool = False) -> str | Non
     """
     if "####" in answer_text:
         final = answer_text.rsplit("####", 1)[1].strip()
-        return final or None
+        if not final or parse_number(final, decimal_comma) is None:
+            return None
+        return final
     if parse_number(answer_text, decimal_comma) is not None:
         return answer_text.strip()
     return None
@@ -286,18 +289,7 @@ def read_jsonl(
     """
     path = Path(path)
     example = json.dumps({field: "..." for field in required_fields})
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise Phi2TutorError(
-            f"The {what} file {path} does not exist (relative paths start from {Path.cwd()}). "
-            f"Check the path; the file must be JSON Lines, one object per line such as {example}."
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise Phi2TutorError(
-            f"Cannot read the {what} file {path}: {error}. It must be a UTF-8 text file in JSON Lines "
-            f"format, one object per line such as {example}."
-        ) from None
+    lines = text_lines(read_text(path, what, f"JSON Lines, one object per line such as {example}"))
     rows: list[tuple[int, dict[str, Any]]] = []
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -339,12 +331,12 @@ def score_predictions(
 
     Returns:
         A summary {"accuracy", "correct", "wrong", "invalid", "total"} (wrong excludes invalid; accuracy is
-        correct/total, 0.0 for an empty file) and one dict per row: line, extracted, reference, correct,
+        correct/total) and one dict per row: line, extracted, reference, correct,
         invalid.
 
     Raises:
-        Phi2TutorError: the file is missing, a line is not a JSON object, a row lacks a field or its
-            reference has no final answer; the message names the file and line.
+        Phi2TutorError: the file is missing or holds no rows, a line is not a JSON object, a row lacks a
+            field or its reference has no final number; the message names the file and line.
     """
     field_hints = {
         prediction_field: f"set prediction_field to that name (now {prediction_field!r})",
@@ -360,8 +352,8 @@ def score_predictions(
         except ValueError:
             raise Phi2TutorError(
                 f"{path}, line {line_number}: the reference {reference_field!r} ({reference_text[-60:]!r}) "
-                f"states no final answer. It must end in '#### N' (GSM8K style) or be a bare number; fix "
-                f"the row, or set reference_field to the field that holds the reference."
+                f"states no final number. It must end in '#### N' with N a number (GSM8K style) or be a "
+                f"bare number; fix the row, or set reference_field to the field that holds the reference."
             ) from None
         graded_rows.append(
             {
@@ -371,6 +363,12 @@ def score_predictions(
                 "correct": graded.correct,
                 "invalid": graded.invalid,
             }
+        )
+    if not graded_rows:
+        raise Phi2TutorError(
+            f"The predictions file {path} holds no rows (it is empty or blank), so there is nothing to grade. "
+            f"Give a JSON Lines file with one object per line holding {prediction_field!r} and "
+            f"{reference_field!r}, e.g. the predictions.jsonl that phi2tutor predict writes."
         )
     total = len(graded_rows)
     correct = sum(row["correct"] for row in graded_rows)
@@ -405,10 +403,17 @@ def main_score(argv: list[str]) -> None:
     )
     parser.add_argument("--details", action="store_true", help="Also list every wrong or invalid line.")
     parser.add_argument("--json", action="store_true", help="Print the summary as one JSON object.")
+    parser.add_argument(
+        "--output",
+        metavar="FILE",
+        help="Also write every row's grade as JSON lines: line, extracted, reference, correct, invalid.",
+    )
     args = parser.parse_args(argv)
     summary, rows = score_predictions(
         args.path, args.prediction_field, args.reference_field, args.decimal_comma
     )
+    if args.output:
+        write_graded_rows(args.output, rows)
     if args.details:
         for row in rows:
             if not row["correct"]:
@@ -423,6 +428,22 @@ def main_score(argv: list[str]) -> None:
         )
 
 
+def write_graded_rows(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> Path:
+    """Write per-row grades (score_predictions' rows) as JSON lines, in the input's order."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as error:
+        raise Phi2TutorError(
+            f"Cannot write the per-row results to {path}: {error.strerror or error}. Give --output a path in "
+            "a directory you can write to."
+        ) from None
+    return path
+
+
 def _as_text(value: Any, path: str | os.PathLike[str], line_number: int, field: str, allow_null: bool) -> str:
     """A row's field as text: numbers are fine (a stored 72 is "72"); a null output is an empty one."""
     if isinstance(value, str):
@@ -435,59 +456,3 @@ def _as_text(value: Any, path: str | os.PathLike[str], line_number: int, field: 
         f"{path}, line {line_number}: field {field!r} is {json.dumps(value)[:60]}, not text. It must be a "
         f"string (or a number); fix the row."
     )
-
-
-class MathAnswerAccuracy(Metric):
-    """Share of generated solutions whose final answer equals the reference, synced across processes.
-
-    States are sums (correct, invalid, total), so under DDP the result is the global accuracy whatever the
-    shard sizes. ``compute()`` returns the accuracy; :meth:`summary` adds the invalid rate and the counts.
-
-    Args:
-        decimal_comma: read "," as the decimal mark in outputs and references.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    correct: torch.Tensor
-    invalid: torch.Tensor
-    total: torch.Tensor
-
-    def __init__(self, decimal_comma: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.decimal_comma = decimal_comma
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("invalid", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, generations: list[str], references: list[str]) -> None:
-        """Grade generations against reference solutions ("... #### 72" or bare numbers), pairwise."""
-        if len(generations) != len(references):
-            raise ValueError(f"{len(generations)} generations but {len(references)} references")
-        graded = [grade(text, ref, self.decimal_comma) for text, ref in zip(generations, references)]
-        self.correct += sum(answer.correct for answer in graded)
-        self.invalid += sum(answer.invalid for answer in graded)
-        self.total += len(graded)
-
-    def compute(self) -> torch.Tensor:
-        """Accuracy, correct/total (0 when nothing was graded)."""
-        if self.total == 0:
-            return torch.zeros((), device=self.total.device)
-        return self.correct.float() / self.total
-
-    def summary(self) -> dict[str, float | int]:
-        """accuracy, invalid_rate, correct, invalid, total over all processes (a collective call under DDP:
-        every process must call it)."""
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
-        ):
-            correct, invalid, total = int(self.correct), int(self.invalid), int(self.total)
-        return {
-            "accuracy": correct / total if total else 0.0,
-            "invalid_rate": invalid / total if total else 0.0,
-            "correct": correct,
-            "invalid": invalid,
-            "total": total,
-        }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from phi2tutor.errors import Phi2TutorError, first_line
+from phi2tutor.errors import Phi2TutorError, check_option, first_line
 from phi2tutor.keys import (
     ADAPTER_DIR,
     GRAD_NORM_KEY,
@@ -27,12 +27,12 @@ from phi2tutor.keys import (
     TUTOR_SETTINGS_JSON,
     VAL_LOSS_KEY,
 )
+from phi2tutor.phi2 import PHI2_HUB_ID, PHI2_LORA_TARGETS
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
 
 if TYPE_CHECKING:
     from phi2tutor.calculator_decoding import CalculatorCounts
 
-PHI2_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
 Quantization = Literal["none", "nf4", "nf4-double", "int8"]
 ComputeDtype = Literal["float32", "float16", "bfloat16"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
@@ -57,7 +57,7 @@ def warmup_cosine_schedule(
 class TutorModule(LightningModule):
     def __init__(
         self,
-        model_name_or_path: str = "microsoft/phi-2",
+        model_name_or_path: str = PHI2_HUB_ID,
         model_config: dict[str, Any] | None = None,
         tokenizer_name_or_path: str | None = None,
         adapter_path: str | None = None,
@@ -140,6 +140,24 @@ class TutorModule(LightningModule):
                 data.keep_calculator_annotations and the generator's calculator_annotations).
         """
         super().__init__()
+        for name, value, valid, requirement in (
+            ("lora_r", lora_r, lora_r >= 1, "a positive integer (the LoRA rank, e.g. 8 or 16)"),
+            ("lora_alpha", lora_alpha, lora_alpha > 0, "positive (the scale is lora_alpha / lora_r)"),
+            ("lora_dropout", lora_dropout, 0 <= lora_dropout < 1, "in [0, 1)"),
+            ("learning_rate", learning_rate, learning_rate > 0, "positive"),
+            ("weight_decay", weight_decay, weight_decay >= 0, "0 or more"),
+            ("warmup_fraction", warmup_fraction, 0 <= warmup_fraction <= 1, "in [0, 1]"),
+            ("warmup_steps", warmup_steps, warmup_steps is None or warmup_steps >= 0, "0 or more, or null"),
+            ("min_lr_ratio", min_lr_ratio, 0 <= min_lr_ratio <= 1, "in [0, 1]"),
+            (
+                "lr_schedule_epochs",
+                lr_schedule_epochs,
+                lr_schedule_epochs is None or lr_schedule_epochs > 0,
+                "positive, or null (the whole run)",
+            ),
+            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "a positive integer"),
+        ):
+            check_option("model", name, value, valid, requirement)
         if offload_checkpoints and not gradient_checkpointing:
             raise Phi2TutorError(
                 "model.offload_checkpoints keeps the checkpointed layer inputs in CPU memory: it needs "
@@ -167,6 +185,18 @@ class TutorModule(LightningModule):
     def uses_float16(self) -> bool:
         precision = str(getattr(self._trainer, "precision", "")) if self._trainer is not None else ""
         return self.hparams.compute_dtype == "float16" or precision.startswith("16")
+
+    def prepare_data(self) -> None:
+        """Download a hub base model (and tokenizer) once per node, before any process loads it: under DDP
+        every process would otherwise download the same 5 GB."""
+        from phi2tutor.loading import download_from_hub, tokenizer_source
+
+        hp = self.hparams
+        if hp.model_config is None:
+            download_from_hub(hp.model_name_or_path, "base model", "model.model_name_or_path")
+        source = tokenizer_source(hp.tokenizer_name_or_path, hp.model_name_or_path, hp.model_config)
+        if source != hp.model_name_or_path:
+            download_from_hub(source, "tokenizer", "model.tokenizer_name_or_path")
 
     def configure_model(self) -> None:
         """Load tokenizer, base model, quantization and LoRA (once; Lightning calls it for every stage)."""
@@ -407,6 +437,11 @@ class TutorModule(LightningModule):
         if self.trainer.is_global_zero:
             for directory in directories:
                 self.save_adapter(directory)
+            if not directories:
+                rank_zero_info(
+                    "phi2tutor | no logger (no run directory) and no model.adapter_output_dir: the adapter is "
+                    "not saved as a directory; the trained weights are only in the checkpoints"
+                )
 
     def adapter_directories(self) -> list[Path]:
         directories = []

@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.grading import (
     GradedAnswer,
-    MathAnswerAccuracy,
     answers_match,
     extract_answer,
     grade,
@@ -23,6 +22,7 @@ from phi2tutor.grading import (
     reference_answer,
     score_predictions,
 )
+from phi2tutor.metrics import MathAnswerAccuracy
 
 GSM8K_SOLUTION = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
@@ -294,10 +294,10 @@ def test_score_predictions_custom_fields_and_decimal_comma(tmp_path: Path) -> No
     assert [row["correct"] for row in rows] == [True, False]
 
 
-def test_score_predictions_empty_file(tmp_path: Path) -> None:
-    summary, rows = score_predictions(_write_lines(tmp_path / "empty.jsonl", ["", ""]))
-    assert summary == {"accuracy": 0.0, "correct": 0, "wrong": 0, "invalid": 0, "total": 0}
-    assert rows == []
+def test_score_predictions_empty_file_is_an_error(tmp_path: Path) -> None:
+    # "accuracy 0.0000 (0/0)" with exit 0 would read as a result; an empty file is a mistake.
+    with pytest.raises(Phi2TutorError, match=r"empty\.jsonl holds no rows .* nothing to grade"):
+        score_predictions(_write_lines(tmp_path / "empty.jsonl", ["", ""]))
 
 
 def test_error_names_file_and_line_for_invalid_json(tmp_path: Path) -> None:

@@ -134,8 +134,8 @@ def test_logs_accuracy_text_table_and_history(tmp_path: Path, capsys: pytest.Cap
     assert checkpoint.best_model_score.item() == pytest.approx(0.5)
 
     assert [(entry["epoch"], entry["step"], entry["stage"]) for entry in callback.history] == [
-        (0, 2, "validation"),
-        (1, 4, "validation"),
+        (1, 2, "validation"),
+        (2, 4, "validation"),
     ]
     for entry in callback.history:
         assert (entry["accuracy"], entry["invalid_rate"]) == (0.5, 0.25)
@@ -172,9 +172,9 @@ def test_logs_accuracy_text_table_and_history(tmp_path: Path, capsys: pytest.Cap
         line.format(seconds=entry["seconds"])
         for line, entry in zip(
             [
-                "MathAnswerEval (validation, epoch 0, step 2): answer accuracy 0.500 (4/8), "
+                "MathAnswerEval (validation, epoch 1, step 2): answer accuracy 0.500 (4/8), "
                 "invalid 0.250 (2/8), {seconds:.1f} s",
-                "MathAnswerEval (validation, epoch 1, step 4): answer accuracy 0.500 (4/8), "
+                "MathAnswerEval (validation, epoch 2, step 4): answer accuracy 0.500 (4/8), "
                 "invalid 0.250 (2/8), {seconds:.1f} s",
             ],
             callback.history,
@@ -188,9 +188,9 @@ def test_every_n_epochs_and_evaluation_when_fit_ends(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, callback, max_epochs=3)
     trainer.fit(module, datamodule=TinyDataModule())
 
-    # Validation runs 1, 2, 3: the second evaluates; fit end evaluates the weights trained one epoch more.
+    # Epochs 1, 2, 3: epoch 2 evaluates; fit end evaluates the weights trained one epoch more.
     assert [(entry["epoch"], entry["step"], entry["stage"]) for entry in callback.history] == [
-        (1, 4, "validation"),
+        (2, 4, "validation"),
         (3, 6, "fit_end"),
     ]
     assert module.generate_calls[-1]["grad_enabled"] is False
@@ -199,6 +199,18 @@ def test_every_n_epochs_and_evaluation_when_fit_ends(tmp_path: Path) -> None:
     assert scalar_series(events, "val/answer_accuracy") == [(3, 0.5), (6, 0.5)]
     assert scalar_series(events, "val/answer_invalid_rate") == [(3, 0.25), (6, 0.25)]
     assert "val/answer_samples/text_summary" not in events.Tags()["tensors"]  # num_samples_logged=0
+
+
+def test_every_n_epochs_counts_epochs_not_validation_runs(tmp_path: Path) -> None:
+    # Validation every 2nd epoch and every_n_epochs=2: epochs 2 and 4 are graded (counting validation runs
+    # would grade only the 2nd one, epoch 4).
+    callback = MathAnswerEval(every_n_epochs=2, num_problems=4, num_samples_logged=0)
+    trainer = make_trainer(tmp_path, callback, max_epochs=4, check_val_every_n_epoch=2)
+    trainer.fit(ScriptedTutor(), datamodule=TinyDataModule())
+    assert [(entry["epoch"], entry["stage"]) for entry in callback.history] == [
+        (2, "validation"),
+        (4, "validation"),
+    ]
 
 
 def test_only_at_fit_end_with_every_n_epochs_zero(tmp_path: Path) -> None:
@@ -237,9 +249,9 @@ def test_state_dict_round_trip_and_resume(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, resumed, max_epochs=3)
     trainer.fit(ScriptedTutor(), datamodule=TinyDataModule(), ckpt_path=checkpoint.last_model_path)
     assert [(entry["epoch"], entry["stage"]) for entry in resumed.history] == [
-        (0, "validation"),
         (1, "validation"),
-        (2, "validation"),  # validation run 3 overall, so every_n_epochs=3 fires
+        (2, "validation"),
+        (3, "validation"),  # epoch 3, so every_n_epochs=3 fires
     ]
 
 
