@@ -423,9 +423,17 @@ class MathDataModule(LightningDataModule):
                 self.datasets[split] = self._tokenize(rows[split], split)
         if stage == "fit" and self.truncated_examples and self.trainer is not None and self.trainer.logger:
             self.trainer.logger.log_metrics({TRUNCATED_KEY: self.truncated_examples}, step=0)
-        if stage == "fit" and self.hparams.audit and self.trainer is not None and self.trainer.is_global_zero:
-            report = self.write_data_report(self.trainer.log_dir or self.trainer.default_root_dir)
-            rank_zero_info(f"phi2tutor | data report: {report}")
+        if stage == "fit" and self.hparams.audit and self.trainer is not None:
+            # trainer.log_dir broadcasts under DDP: every process asks, rank zero writes.
+            run_dir = self.trainer.log_dir if self.trainer.loggers else None
+            if run_dir is None:
+                rank_zero_info(
+                    "phi2tutor | no run directory (no logger): the data report is not written; "
+                    "`phi2tutor data --config ...` writes it"
+                )
+            elif self.trainer.is_global_zero:
+                report = self.write_data_report(run_dir)
+                rank_zero_info(f"phi2tutor | data report: {report}")
 
     def audit_splits(self) -> dict:
         """Every split as fit sees it, with token lengths, for phi2tutor.data_audit."""

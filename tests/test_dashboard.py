@@ -19,9 +19,11 @@ from phi2tutor.cli import main
 from phi2tutor.events import read_scalars
 from phi2tutor.keys import HPARAM_METRIC_KEYS, LOSS_EPOCH_KEY, PHASE_TRANSITION_MARKER, PLATEAU_STOP_MARKER
 from tests.conftest import tiny_config, write_yaml
+from tests.reference_run import reference_loss_series
+from tests.test_phase_callbacks import as_logged
 
-# A fast fall, a knee, then a plateau: per-epoch values of train/loss_epoch.
-SCRIPTED = [8.0, 4.0, 2.0, 1.0, 0.6, 0.45, 0.44, 0.435, 0.434, 0.434, 0.434, 0.434, 0.434, 0.434]
+# The reference run's curve (a fast fall, a knee, then slow): per-epoch values of train/loss_epoch.
+SCRIPTED = as_logged(reference_loss_series())
 
 
 def _accumulator(run_dir: Path) -> EventAccumulator:
@@ -61,12 +63,12 @@ class ScriptedLoss(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(2, 1)), batch_size=2)
 
 
 def test_markers_sit_on_the_epoch_loss_at_each_transition_and_at_the_plateau_stop(tmp_path: Path) -> None:
-    detector = PhaseDetection(monitor=LOSS_EPOCH_KEY, window=3)
-    plateau = PlateauStopping(monitor=LOSS_EPOCH_KEY, window=3, min_rel_improvement=0.01)
+    detector = PhaseDetection(monitor=LOSS_EPOCH_KEY)
+    plateau = PlateauStopping(monitor=LOSS_EPOCH_KEY, window=10, min_rel_improvement=0.01)
     trainer = pl.Trainer(
         max_epochs=len(SCRIPTED),
         logger=TensorBoardLogger(tmp_path, name="runs", default_hp_metric=False),
