@@ -226,37 +226,24 @@ def _has_results(run_directory: Path) -> bool:
         return True
 
 
+# Each extra command's entry point, imported only when that command runs (fast --help, no torch for score).
+EXTRA_COMMAND_ENTRY_POINTS = {
+    "score": ("phi2tutor.grading", "main_score"),
+    "report": ("phi2tutor.report", "main_report"),
+    "plan": ("phi2tutor.memory", "main_plan"),
+    "chat": ("phi2tutor.chat", "main_chat"),
+    "serve": ("phi2tutor.serve", "main_serve"),
+    "export": ("phi2tutor.export", "main_export"),
+    "data": ("phi2tutor.cli", "main_data"),
+    "doctor": ("phi2tutor.doctor", "main_doctor"),
+}
+
+
 def run_extra_command(name: str, args: list[str]) -> None:
-    if name == "score":
-        from phi2tutor.grading import main_score
+    import importlib
 
-        main_score(args)
-    elif name == "report":
-        from phi2tutor.report import main_report
-
-        main_report(args)
-    elif name == "plan":
-        from phi2tutor.memory import main_plan
-
-        main_plan(args)
-    elif name == "chat":
-        from phi2tutor.chat import main_chat
-
-        main_chat(args)
-    elif name == "serve":
-        from phi2tutor.serve import main_serve
-
-        main_serve(args)
-    elif name == "export":
-        from phi2tutor.export import main_export
-
-        main_export(args)
-    elif name == "data":
-        main_data(args)
-    elif name == "doctor":
-        from phi2tutor.doctor import main_doctor
-
-        main_doctor(args)
+    module_name, function_name = EXTRA_COMMAND_ENTRY_POINTS[name]
+    getattr(importlib.import_module(module_name), function_name)(args)
 
 
 def instantiate_from_args(args: list[str]):
