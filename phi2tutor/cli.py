@@ -8,7 +8,10 @@ import errno
 import os
 import shutil
 import sys
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 EXTRA_COMMANDS = {
     "score": "Grade a predictions file (.jsonl) from any system: accuracy, correct, wrong, invalid.",
@@ -246,22 +249,36 @@ def run_extra_command(name: str, args: list[str]) -> None:
     getattr(importlib.import_module(module_name), function_name)(args)
 
 
-def instantiate_from_args(args: list[str]):
-    """The model, data module and trainer of a config, built by the same LightningCLI parser as fit (its
-    defaults, overrides, linked arguments and validation), without running anything."""
-    from callbacks.predictions import PredictionWriter
+def parse_fit_config(fit_args: Sequence[str]) -> tuple[Any, Any, dict[str, Any]]:
+    """(TutorModule, MathDataModule, trainer config) exactly as ``phi2tutor fit`` would build them.
+
+    LightningCLI with run=False parses and validates the arguments and instantiates the module, the
+    data module and the callbacks; neither loads weights or data before fit. The Trainer itself is not
+    built (a config made for a GPU must plan on a machine without one): its parsed settings are returned.
+    """
     from phi2tutor.data import MathDataModule
     from phi2tutor.model import TutorModule
 
-    cli_class = build_cli_class()
-    return cli_class(
-        TutorModule,
-        MathDataModule,
-        args=args,
-        run=False,
-        trainer_defaults={"logger": False, "callbacks": [PredictionWriter()]},
-        save_config_callback=None,
-    )
+    base = build_cli_class()  # fit's parser: its linked arguments included
+
+    class PlanCLI(base):
+        def instantiate_classes(self) -> None:
+            self.config_init = self.parser.instantiate_classes(self.config)
+            self.datamodule = self._get(self.config_init, "data")
+            self.model = self._get(self.config_init, "model")
+
+    with warnings.catch_warnings():
+        # "not recommended to provide both args and command line arguments": sys.argv holds `plan`'s own.
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
+        cli = PlanCLI(
+            TutorModule,
+            MathDataModule,
+            args=list(fit_args),
+            run=False,
+            parser_kwargs={"description": DESCRIPTION},
+        )
+    trainer = cli.config_init.get("trainer")
+    return cli.model, cli.datamodule, dict(trainer) if trainer is not None else {}
 
 
 def main_data(args: list[str]) -> None:
@@ -286,12 +303,14 @@ def main_data(args: list[str]) -> None:
         "--output", help="Directory for the report (default: lightning_logs/data-CONFIG_NAME)."
     )
     parser.add_argument("--language", choices=LANGUAGES, default="en", help="Report language.")
+    parser.add_argument("--config", action="append", default=[], help=argparse.SUPPRESS)
     options, rest = parser.parse_known_args(args)
-    cli = instantiate_from_args(rest)
-    config_paths = [str(p) for p in (cli.config.get("config") or [])]
-    name = Path(config_paths[-1]).stem if config_paths else "default"
-    output = Path(options.output or Path(cli.trainer.default_root_dir) / "lightning_logs" / f"data-{name}")
-    report = cli.datamodule.write_data_report(output, options.language)
+    # --config is read here only for the report's folder name; fit's parser reads it as fit does.
+    _, datamodule, trainer = parse_fit_config([*(f"--config={path}" for path in options.config), *rest])
+    name = Path(options.config[-1]).stem if options.config else "default"
+    root = Path(trainer.get("default_root_dir") or ".")
+    output = Path(options.output or root / "lightning_logs" / f"data-{name}")
+    report = datamodule.write_data_report(output, options.language)
     print(report.read_text(), end="")
     print(
         f"\nphi2tutor data: wrote {report}, {report.with_suffix('.json')} and {output / 'data_lengths.png'}"

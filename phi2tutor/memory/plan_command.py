@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from phi2tutor.cli import parse_fit_config
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.memory.planner import (
     DEFAULT_BUDGET_MB,
@@ -48,39 +48,6 @@ def _plan_parser() -> argparse.ArgumentParser:
         help="share of the positions that are answer tokens (get logits); default 1.0, the worst case",
     )
     return parser
-
-
-def parse_fit_config(fit_args: Sequence[str]) -> tuple[Any, Any, dict[str, Any]]:
-    """(TutorModule, MathDataModule, trainer config) exactly as ``phi2tutor fit`` would build them.
-
-    LightningCLI with run=False parses and validates the arguments and instantiates the module, the
-    data module and the callbacks; neither loads weights or data before fit. The Trainer itself is not
-    built (a config made for a GPU must plan on a machine without one): its parsed settings are returned.
-    """
-    from phi2tutor.cli import DESCRIPTION, build_cli_class
-    from phi2tutor.data import MathDataModule
-    from phi2tutor.model import TutorModule
-
-    base = build_cli_class()  # fit's parser: its linked arguments included
-
-    class PlanCLI(base):
-        def instantiate_classes(self) -> None:
-            self.config_init = self.parser.instantiate_classes(self.config)
-            self.datamodule = self._get(self.config_init, "data")
-            self.model = self._get(self.config_init, "model")
-
-    with warnings.catch_warnings():
-        # "not recommended to provide both args and command line arguments": sys.argv holds `plan`'s own.
-        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
-        cli = PlanCLI(
-            TutorModule,
-            MathDataModule,
-            args=list(fit_args),
-            run=False,
-            parser_kwargs={"description": DESCRIPTION},
-        )
-    trainer = cli.config_init.get("trainer")
-    return cli.model, cli.datamodule, dict(trainer) if trainer is not None else {}
 
 
 def plan_fit_config(fit_args: Sequence[str], loss_token_fraction: float = 1.0) -> tuple[MemoryEstimate, Any]:
