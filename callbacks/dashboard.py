@@ -15,6 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from callbacks.memory import GPUMemoryProfiler
+from callbacks.phases import PhaseDetection
+from callbacks.plateau import PlateauStopping
 from phi2tutor.keys import (
     ACCURACY_KEY,
     GRAD_NORM_KEY,
@@ -106,8 +109,9 @@ class TensorBoardDashboard(Callback):
         # The step Lightning gives logged metrics (train/loss_epoch is written at it).
         return trainer.fit_loop.epoch_loop._batches_that_stepped
 
-    def _callback(self, trainer: pl.Trainer, name: str):
-        return next((cb for cb in trainer.callbacks if type(cb).__name__ == name), None)
+    @staticmethod
+    def _callback(trainer: pl.Trainer, kind: type[Callback]):
+        return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -115,7 +119,7 @@ class TensorBoardDashboard(Callback):
         if logger is None or not trainer.is_global_zero:
             return
         logger.experiment.add_custom_scalars(dashboard_layout())
-        profiler = self._callback(trainer, "GPUMemoryProfiler")
+        profiler = self._callback(trainer, GPUMemoryProfiler)
         if profiler is not None:
             logger.log_metrics({MEMORY_BUDGET_KEY: float(profiler.budget_mb)}, step=self._step(trainer))
 
@@ -142,7 +146,7 @@ class TensorBoardDashboard(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._mark(trainer)
         logger = self._tensorboard(trainer)
-        profiler = self._callback(trainer, "GPUMemoryProfiler")
+        profiler = self._callback(trainer, GPUMemoryProfiler)
         if logger is not None and profiler is not None and trainer.is_global_zero:
             # A second point, so the budget is drawn as a line across the run.
             logger.log_metrics({MEMORY_BUDGET_KEY: float(profiler.budget_mb)}, step=self._step(trainer))
@@ -158,7 +162,7 @@ class TensorBoardDashboard(Callback):
         logger = self._tensorboard(trainer)
         if logger is None or not trainer.is_global_zero:
             return
-        detector = self._callback(trainer, "PhaseDetection")
+        detector = self._callback(trainer, PhaseDetection)
         if detector is not None and detector.unit == "epoch":
             transitions = detector.transitions
             while self.marked_transitions < len(transitions):
@@ -166,7 +170,7 @@ class TensorBoardDashboard(Callback):
                 step, _ = self.epoch_steps.get(transition.boundary, (self._step(trainer), 0.0))
                 logger.log_metrics({PHASE_TRANSITION_MARKER: float(transition.loss_at_boundary)}, step=step)
                 self.marked_transitions += 1
-        plateau = self._callback(trainer, "PlateauStopping")
+        plateau = self._callback(trainer, PlateauStopping)
         if plateau is not None and not self.marked_stop and plateau.stopped_at_epoch is not None:
             step, loss = self.epoch_steps.get(plateau.stopped_at_epoch, (self._step(trainer), None))
             if loss is not None:
@@ -187,7 +191,7 @@ class TensorBoardDashboard(Callback):
         return {HPARAM_METRIC_KEYS[name]: float(v) for name, v in values.items() if v is not None}
 
     def _peak_memory_mb(self, trainer: pl.Trainer) -> float | None:
-        profiler = self._callback(trainer, "GPUMemoryProfiler")
+        profiler = self._callback(trainer, GPUMemoryProfiler)
         if profiler is not None:
             return profiler.peak_mb(profiler.measure())
         if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
