@@ -136,15 +136,30 @@ def _within_split(rows: SplitRows) -> dict[str, Any]:
     }
 
 
-def _across_splits(train: SplitRows, other: SplitRows) -> dict[str, Any]:
-    train_exact = {normalize_question(q) for q in train.questions}
-    train_near = {near_duplicate_key(q) for q in train.questions}
-    train_grams: set[tuple[str, ...]] = set()
-    for question in train.questions:
-        train_grams |= ngrams(question)
-    exact = [q for q in other.questions if normalize_question(q) in train_exact]
-    near = [q for q in other.questions if near_duplicate_key(q) in train_near]
-    contaminated = [q for q in other.questions if ngrams(q) & train_grams]
+@dataclass(frozen=True)
+class _TrainKeys:
+    """The train questions' keys, built once and looked up by every held-out split."""
+
+    exact: set[str]
+    near: set[str]
+    grams: set[tuple[str, ...]]
+
+    @classmethod
+    def of(cls, train: SplitRows) -> _TrainKeys:
+        grams: set[tuple[str, ...]] = set()
+        for question in train.questions:
+            grams |= ngrams(question)
+        return cls(
+            {normalize_question(q) for q in train.questions},
+            {near_duplicate_key(q) for q in train.questions},
+            grams,
+        )
+
+
+def _across_splits(train: _TrainKeys, other: SplitRows) -> dict[str, Any]:
+    exact = [q for q in other.questions if normalize_question(q) in train.exact]
+    near = [q for q in other.questions if near_duplicate_key(q) in train.near]
+    contaminated = [q for q in other.questions if ngrams(q) & train.grams]
     return {
         "rows": len(other.questions),
         "exact_in_train": len(exact),
@@ -206,8 +221,9 @@ def audit(splits: dict[str, SplitRows], max_length: int, annotations_kept: bool 
             "difficulty": _difficulty(rows),
         }
     if "train" in splits:
+        train_keys = _TrainKeys.of(splits["train"])
         result["overlap_with_train"] = {
-            name: _across_splits(splits["train"], rows) for name, rows in splits.items() if name != "train"
+            name: _across_splits(train_keys, rows) for name, rows in splits.items() if name != "train"
         }
     result["recommendations"] = recommendations(result)
     return result
