@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 
 # The last PyTorch CUDA builds with Pascal (sm_60/sm_61) kernels: the CUDA 12.8+ wheels dropped them.
 PASCAL_TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
@@ -145,40 +144,28 @@ def _first_line(error: BaseException) -> str:
 
 
 def config_facts(config_path: str) -> ConfigFacts:
-    """The config's dtype choices and the planner's peak estimate (the one place the doctor asks the
-    planner: adapt it here when the planner's entry point changes)."""
-    import yaml
-
-    from phi2tutor.errors import Phi2TutorError
-
-    path = Path(config_path)
+    """The config's dtype choices and the planner's peak estimate, read by fit's own parser (the one
+    `phi2tutor plan` uses), so the doctor judges the run that fit would start."""
+    estimated, error_text, settings = None, None, {}
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise Phi2TutorError(f"Cannot read --config {config_path}: {error.strerror or error}.") from None
-    except yaml.YAMLError as error:
-        raise Phi2TutorError(f"--config {config_path} is not valid YAML: {error}") from None
-    if not isinstance(config, dict):
-        raise Phi2TutorError(
-            f"--config {config_path} does not hold a mapping of sections (model, data, trainer)."
+        from phi2tutor.memory.plan_command import plan_fit_config
+
+        estimate, _ = plan_fit_config(["--config", config_path])
+        estimated, settings = estimate.estimated_peak_mb, estimate.settings
+    except (Exception, SystemExit) as error:  # a config error is one finding among the others
+        error_text = (
+            _first_line(error)
+            if isinstance(error, Exception)
+            else f"{config_path} does not parse as a fit config (see above)"
         )
-    model = config.get("model") or {}
-    trainer = config.get("trainer") or {}
-    estimated, error_text = None, None
-    try:
-        from phi2tutor.memory import plan_from_config_dict
-
-        estimated = plan_from_config_dict(config, source=str(path)).estimated_peak_mb
-    except Exception as error:  # the doctor reports what it can; a config error is one finding among others
-        error_text = _first_line(error)
     return ConfigFacts(
-        source=str(path),
+        source=config_path,
         estimated_peak_mb=estimated,
         estimate_error=error_text,
-        uses_bf16=model.get("compute_dtype") == "bfloat16"
-        or str(trainer.get("precision", "")).startswith("bf16"),
-        quantized=model.get("quantization", "none") != "none",
-        eight_bit_optimizer=str(model.get("optimizer", "adamw")).endswith("8bit"),
+        uses_bf16=settings.get("compute_dtype") == "bfloat16"
+        or str(settings.get("precision", "")).startswith("bf16"),
+        quantized=settings.get("quantization", "none") != "none",
+        eight_bit_optimizer=str(settings.get("optimizer", "adamw")).endswith("8bit"),
     )
 
 
