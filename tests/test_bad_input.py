@@ -228,3 +228,14 @@ def test_doctor_on_an_ampere_card_that_is_short_of_memory_and_on_the_cpu() -> No
     assert "does not fit" in render(findings) and "bf16 is supported" in render(findings)
     cpu = diagnose(MachineFacts(torch_version="2.13.0+cpu", torch_cuda=None, bnb_version="0.50"))
     assert cpu[0].level == "note" and "No CUDA device" in cpu[0].message and "the demo" in cpu[0].message
+
+
+def test_doctor_reads_the_config_as_fit_and_plan_do() -> None:
+    from phi2tutor.doctor import config_facts
+    from phi2tutor.memory.plan_command import plan_fit_config
+
+    config = str(REPO / "configs" / "phi2-qlora-4gb.yaml")
+    facts = config_facts(config)
+    estimate, _ = plan_fit_config(["--config", config])
+    assert facts.estimated_peak_mb == estimate.estimated_peak_mb and facts.estimate_error is None
+    assert facts.quantized and facts.eight_bit_optimizer and not facts.uses_bf16
