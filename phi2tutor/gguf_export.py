@@ -174,8 +174,8 @@ def export_gguf(path, output, gguf_type: str = "f16", overrides=None, overwrite:
 
     output = Path(output)
     source = locate_tutor(path)
-    check_output_dir(output, [d for d in (source.adapter_dir, source.run_dir) if d is not None], overwrite)
-    model, tokenizer, settings, source = merged_model(path, overrides, "float32")
+    check_output_dir(output, source, overwrite)
+    model, tokenizer, settings = merged_model(source, overrides, "float32")
     config = model.config
     if config.model_type != "phi":
         raise Phi2TutorError(
