@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.keys import REPORT_JSON
+from phi2tutor.phi2 import PHI2_LORA_TARGETS
 
 if TYPE_CHECKING:
     from phi2tutor.tutor import TutorSource
@@ -106,7 +107,7 @@ def generation_config(model, tokenizer, settings: dict[str, Any]):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=settings.get("max_new_tokens", 256),
+        max_new_tokens=settings["max_new_tokens"],
         do_sample=False,
     )
 
@@ -178,7 +179,7 @@ def model_card(settings: dict[str, Any], source, dtype: str, output: Path) -> st
     base = settings.get("model_name_or_path")
     if settings.get("model_config") is not None:
         base = f"PhiForCausalLM built from model_config {json.dumps(settings['model_config'])}"
-    targets = settings.get("lora_target_modules") or ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    targets = settings.get("lora_target_modules") or PHI2_LORA_TARGETS
     lines = [
         "---",
         "library_name: transformers",
@@ -207,7 +208,7 @@ def model_card(settings: dict[str, Any], source, dtype: str, output: Path) -> st
     if numbers:
         lines += ["", f"## Training report (`{source.run_dir}`)", "", "| | |", "|---|---|"]
         lines += [f"| {label} | {value} |" for label, value in numbers]
-    template = settings.get("prompt_template") or "Instruct: {question}\nOutput:"
+    template = settings["prompt_template"]
     lines += [
         "",
         "## How to load it",

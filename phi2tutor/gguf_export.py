@@ -199,9 +199,8 @@ def export_gguf(path, output, gguf_type: str = "f16", overrides=None, overwrite:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    max_new_tokens = settings.get("max_new_tokens") or 256
     (output / "Modelfile").write_text(
-        modelfile(gguf_name, settings["prompt_template"], max_new_tokens, tokenizer.eos_token),
+        modelfile(gguf_name, settings["prompt_template"], settings["max_new_tokens"], tokenizer.eos_token),
         encoding="utf-8",
     )
     size_mb = (output / gguf_name).stat().st_size / 2**20
