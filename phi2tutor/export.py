@@ -13,10 +13,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.keys import REPORT_JSON
+from phi2tutor.phi2 import PHI2_LORA_TARGETS
+
+if TYPE_CHECKING:
+    from phi2tutor.tutor import TutorSource
 
 EXPORT_DTYPES = ("float16", "float32", "bfloat16")
 GGUF_TYPES = ("f16", "q8_0")
@@ -52,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output_dir(output: Path, source_dirs: list[Path], overwrite: bool) -> None:
+def check_output_dir(output: Path, source: TutorSource, overwrite: bool) -> None:
+    """Refuse an ``output`` that is (or holds) the tutor's own directories, a file, or full without --overwrite."""
     resolved = output.resolve()
-    for directory in source_dirs:
+    for directory in (d for d in (source.adapter_dir, source.run_dir) if d is not None):
         if resolved == directory.resolve() or directory.resolve().is_relative_to(resolved):
             raise Phi2TutorError(
                 f"--output {output} would write over the tutor being exported ({directory}). Choose a new directory."
@@ -65,16 +70,15 @@ def check_output_dir(output: Path, source_dirs: list[Path], overwrite: bool) -> 
         raise Phi2TutorError(f"--output {output} is not empty. Choose a new directory, or add --overwrite.")
 
 
-def merged_model(path: str | Path, overrides: dict[str, Any] | None, dtype: str):
-    """(merged transformers model in ``dtype``, tokenizer, TutorModule settings, TutorSource).
+def merged_model(source: TutorSource, overrides: dict[str, Any] | None, dtype: str):
+    """(merged transformers model in ``dtype``, tokenizer, TutorModule settings).
 
     The base is loaded unquantized in ``dtype`` whatever the run trained on; LoRA is added into it.
     """
     from phi2tutor.loading import DTYPES
     from phi2tutor.model import TutorModule
-    from phi2tutor.tutor import locate_tutor, tutor_settings
+    from phi2tutor.tutor import tutor_settings
 
-    source = locate_tutor(path)
     settings = tutor_settings(source, overrides)
     trained_quantization = settings.get("quantization", "none")
     if trained_quantization != "none":
@@ -92,7 +96,7 @@ def merged_model(path: str | Path, overrides: dict[str, Any] | None, dtype: str)
     merged = merged.to(DTYPES[dtype])
     merged.eval()
     merged.config.use_cache = True
-    return merged, module.tokenizer, dict(module.hparams), source
+    return merged, module.tokenizer, dict(module.hparams)
 
 
 def generation_config(model, tokenizer, settings: dict[str, Any]):
@@ -103,7 +107,7 @@ def generation_config(model, tokenizer, settings: dict[str, Any]):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=settings.get("max_new_tokens", 256),
+        max_new_tokens=settings["max_new_tokens"],
         do_sample=False,
     )
 
@@ -116,8 +120,8 @@ def export_transformers(
 
     output = Path(output)
     source = locate_tutor(path)
-    check_output_dir(output, [d for d in (source.adapter_dir, source.run_dir) if d is not None], overwrite)
-    model, tokenizer, settings, source = merged_model(path, overrides, dtype)
+    check_output_dir(output, source, overwrite)
+    model, tokenizer, settings = merged_model(source, overrides, dtype)
     output.mkdir(parents=True, exist_ok=True)
     model.generation_config = generation_config(model, tokenizer, settings)
     model.save_pretrained(output, safe_serialization=True)
@@ -175,7 +179,7 @@ def model_card(settings: dict[str, Any], source, dtype: str, output: Path) -> st
     base = settings.get("model_name_or_path")
     if settings.get("model_config") is not None:
         base = f"PhiForCausalLM built from model_config {json.dumps(settings['model_config'])}"
-    targets = settings.get("lora_target_modules") or ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    targets = settings.get("lora_target_modules") or PHI2_LORA_TARGETS
     lines = [
         "---",
         "library_name: transformers",
@@ -204,7 +208,7 @@ def model_card(settings: dict[str, Any], source, dtype: str, output: Path) -> st
     if numbers:
         lines += ["", f"## Training report (`{source.run_dir}`)", "", "| | |", "|---|---|"]
         lines += [f"| {label} | {value} |" for label, value in numbers]
-    template = settings.get("prompt_template") or "Instruct: {question}\nOutput:"
+    template = settings["prompt_template"]
     lines += [
         "",
         "## How to load it",

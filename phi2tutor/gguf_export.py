@@ -174,8 +174,8 @@ def export_gguf(path, output, gguf_type: str = "f16", overrides=None, overwrite:
 
     output = Path(output)
     source = locate_tutor(path)
-    check_output_dir(output, [d for d in (source.adapter_dir, source.run_dir) if d is not None], overwrite)
-    model, tokenizer, settings, source = merged_model(path, overrides, "float32")
+    check_output_dir(output, source, overwrite)
+    model, tokenizer, settings = merged_model(source, overrides, "float32")
     config = model.config
     if config.model_type != "phi":
         raise Phi2TutorError(
@@ -199,9 +199,8 @@ def export_gguf(path, output, gguf_type: str = "f16", overrides=None, overwrite:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    max_new_tokens = settings.get("max_new_tokens") or 256
     (output / "Modelfile").write_text(
-        modelfile(gguf_name, settings["prompt_template"], max_new_tokens, tokenizer.eos_token),
+        modelfile(gguf_name, settings["prompt_template"], settings["max_new_tokens"], tokenizer.eos_token),
         encoding="utf-8",
     )
     size_mb = (output / gguf_name).stat().st_size / 2**20

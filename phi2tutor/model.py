@@ -6,7 +6,6 @@ greedy generation for answer evaluation.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from phi2tutor.errors import Phi2TutorError, check_option, first_line
+from phi2tutor.errors import Phi2TutorError, check_option
 from phi2tutor.keys import (
     ADAPTER_DIR,
     GRAD_NORM_KEY,
@@ -24,7 +23,6 @@ from phi2tutor.keys import (
     LOSS_STEP_KEY,
     LR_KEY,
     TEST_LOSS_KEY,
-    TUTOR_SETTINGS_JSON,
     VAL_LOSS_KEY,
 )
 from phi2tutor.phi2 import PHI2_HUB_ID, PHI2_LORA_TARGETS
@@ -473,30 +471,18 @@ class TutorModule(LightningModule):
     # ------------------------------------------------------------------ calculator
     def adapter_record(self) -> dict[str, Any]:
         """phi2tutor_adapter.json of ``adapter_path`` ({} without an adapter or without that file)."""
+        from phi2tutor.tutor import read_tutor_settings
+
         if not self.hparams.adapter_path:
             return {}
-        path = Path(self.hparams.adapter_path) / TUTOR_SETTINGS_JSON
-        if not path.is_file():
-            return {}
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise Phi2TutorError(
-                f"{path} is not readable JSON ({first_line(error)}). It is written beside a saved adapter by "
-                "phi2tutor; fix or delete it, or set model.calculator explicitly."
-            ) from None
-        if not isinstance(record, dict):
-            return {}
-        # phi2tutor.tutor.write_tutor_settings keeps the settings under "tutor".
-        return record.get("tutor", record) if isinstance(record.get("tutor", record), dict) else {}
+        return read_tutor_settings(self.hparams.adapter_path) or {}
 
     @property
     def trained_with_annotations(self) -> bool:
         """Whether this tutor's training data carried calculator annotations (this run's data, or the
         loaded adapter's record)."""
         record = self.adapter_record()
-        recorded = record.get("annotated_training_data", record.get("keep_calculator_annotations"))
-        return bool(self.hparams.annotated_training_data or recorded)
+        return bool(self.hparams.annotated_training_data or record.get("annotated_training_data"))
 
     @property
     def calculator_enabled(self) -> bool:

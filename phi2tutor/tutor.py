@@ -52,6 +52,20 @@ def write_tutor_settings(directory: str | Path, hparams: Mapping[str, Any]) -> P
     return path
 
 
+def read_tutor_settings(adapter_dir: str | Path) -> dict[str, Any] | None:
+    """The settings ``write_tutor_settings`` left in ``adapter_dir`` (None when it has no such file)."""
+    path = Path(adapter_dir) / TUTOR_SETTINGS_JSON
+    if not path.is_file():
+        return None
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8"))["tutor"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise Phi2TutorError(
+            f"{path} is not a phi2tutor settings file ({first_line(error)}). It is written when fit saves "
+            "the adapter; delete it to fall back on the run's config.yaml (or set model.calculator)."
+        ) from None
+
+
 @dataclass
 class TutorSource:
     """Where a tutor's adapter is, its run directory when it has one, and its saved settings."""
@@ -81,16 +95,9 @@ def locate_tutor(path: str | Path) -> TutorSource:
             "Give a run directory whose fit finished (lightning_logs/version_N) or an adapter directory "
             "written when a phi2tutor fit ended."
         )
-    settings_file = adapter_dir / TUTOR_SETTINGS_JSON
-    if settings_file.is_file():
-        try:
-            settings = dict(json.loads(settings_file.read_text(encoding="utf-8"))["tutor"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise Phi2TutorError(
-                f"{settings_file} is not a phi2tutor settings file ({first_line(error)}). It is written when "
-                "fit saves the adapter; delete it to fall back on the run's config.yaml."
-            ) from None
-        return TutorSource(adapter_dir, run_dir, settings, str(settings_file))
+    settings = read_tutor_settings(adapter_dir)
+    if settings is not None:
+        return TutorSource(adapter_dir, run_dir, settings, str(adapter_dir / TUTOR_SETTINGS_JSON))
     if run_dir is not None:
         return TutorSource(
             adapter_dir, run_dir, _settings_from_config(run_dir / CONFIG_YAML), str(run_dir / CONFIG_YAML)
