@@ -26,7 +26,14 @@ from phi2tutor.phases import (
     edge_points,
     summarize_phases,
 )
-from phi2tutor.report.records import PHI2TUTOR_RUN, Point, RunRecords, config_value, epoch_index
+from phi2tutor.report.records import (
+    PHI2TUTOR_RUN,
+    Point,
+    RunRecords,
+    config_value,
+    epoch_index,
+    is_number,
+)
 
 REPORT_SCHEMA_VERSION = 2
 
@@ -862,7 +869,3 @@ def round_sig(value: float, digits: int) -> float:
 
 def sig4(value: float) -> float | None:
     return round_sig(value, 4) if math.isfinite(value) else None
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
