@@ -615,10 +615,15 @@ def fmt_count(value: int | None, language: str) -> str:
     return grouped if language == "en" else grouped.replace(",", " ")
 
 
-def render_markdown(report: dict[str, Any], language: str = "en") -> str:
-    """report.md's text from report.json's content, in English ("en") or Spanish ("es")."""
+def check_language(language: str) -> None:
+    """Raise Phi2TutorError unless report.md can be written in ``language``."""
     if language not in LANGUAGES:
         raise Phi2TutorError(f"language {language!r} is not available: use one of {', '.join(LANGUAGES)}.")
+
+
+def render_markdown(report: dict[str, Any], language: str = "en") -> str:
+    """report.md's text from report.json's content, in English ("en") or Spanish ("es")."""
+    check_language(language)
     t = TEXT[language]
 
     def f(value: Any) -> str:

@@ -8,11 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from phi2tutor.errors import Phi2TutorError
 from phi2tutor.keys import REPORT_JSON, REPORT_MD
 from phi2tutor.report.analysis import ReportSettings, build_report
 from phi2tutor.report.records import RunRecords, load_records
-from phi2tutor.report.text import LANGUAGES, TEXT, render_markdown
+from phi2tutor.report.text import LANGUAGES, TEXT, check_language, render_markdown
 
 
 def write_figures(
@@ -70,6 +69,14 @@ def write_figures(
     return written
 
 
+def report_directory(source: str | Path, output_dir: str | Path | None = None) -> Path:
+    """Where a run's report goes: ``output_dir``, else the run directory (a trainer_state.json's folder)."""
+    if output_dir is not None:
+        return Path(output_dir)
+    source = Path(source)
+    return source if source.is_dir() else source.parent
+
+
 def write_report(
     source: str | Path,
     output_dir: str | Path | None = None,
@@ -89,17 +96,11 @@ def write_report(
         settings: the report's rules of judgement.
         draw_figures: write the PNG figures.
     """
-    if language not in LANGUAGES:
-        raise Phi2TutorError(f"language {language!r} is not available: use one of {', '.join(LANGUAGES)}.")
+    check_language(language)  # before the run is read
     records = load_records(source)
     report = build_report(records, phase_boundaries=phase_boundaries, settings=settings)
     report["language"] = language
-    source_path = Path(records.source)
-    output = (
-        Path(output_dir)
-        if output_dir is not None
-        else (source_path if source_path.is_dir() else source_path.parent)
-    )
+    output = report_directory(records.source, output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if draw_figures:
         report["figures"] = write_figures(records, report, output, language)
@@ -141,8 +142,7 @@ def main_report(args: list[str]) -> None:
     if options.json:
         print(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False))
     else:
-        where = Path(options.output) if options.output else Path(report["source"])
-        where = where if where.is_dir() else where.parent
+        where = report_directory(report["source"], options.output)
         count = len(report["figures"])
         print(
             f"phi2tutor report: wrote {where / REPORT_MD}, {where / REPORT_JSON} and {count} figure{'s' * (count != 1)}"
