@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from phi2tutor.keys import REPORT_JSON, REPORT_MD
-from phi2tutor.report.analysis import ReportSettings, build_report
+from phi2tutor.report.analysis import PHASE_NAME_KEYS, ReportSettings, build_report
 from phi2tutor.report.records import RunRecords, load_records
 from phi2tutor.report.text import LANGUAGES, TEXT, check_language, render_markdown
 
@@ -20,36 +20,18 @@ def write_figures(
     """Draw the figures whose data were logged; return {figure name: file name} for report.md."""
     from phi2tutor.report import figures
 
-    names = {
-        key: TEXT[language][f"phase_{key}"] for key in ("rapid_learning", "fine_tuning", "stabilization")
-    }
-    data = figures.figure_inputs(records, report, names)
+    names = {key: TEXT[language][f"phase_{key}"] for key in PHASE_NAME_KEYS}
+    inputs = figures.figure_inputs(records, report, names)
     run = report["run_name"]
     written: dict[str, str] = {}
     figures.plot_loss(
-        output_dir / figures.FIGURE_FILES["loss"],
-        run_name=run,
-        unit=data["unit"],
-        train=data["train"],
-        epoch_means=data["epoch_means"],
-        validation=data["validation"],
-        phase_spans=data["phase_spans"],
-        nonfinite_x=data["nonfinite_x"],
-        nonfinite_step=data["nonfinite_step"],
-        best_validation=data["best_validation"],
-        language=language,
+        output_dir / figures.FIGURE_FILES["loss"], run_name=run, language=language, **inputs["loss"]
     )
     written["loss"] = figures.FIGURE_FILES["loss"]
-    if data["grad_norms"] or data["learning_rates"]:
+    grad_norm_lr = inputs["grad_norm_lr"]
+    if grad_norm_lr["grad_norms"] or grad_norm_lr["learning_rates"]:
         figures.plot_grad_norm_and_lr(
-            output_dir / figures.FIGURE_FILES["grad_norm_lr"],
-            run_name=run,
-            unit=data["unit"],
-            grad_norms=data["grad_norms"],
-            learning_rates=data["learning_rates"],
-            nonfinite_x=data["nonfinite_x"],
-            nonfinite_step=data["nonfinite_step"],
-            language=language,
+            output_dir / figures.FIGURE_FILES["grad_norm_lr"], run_name=run, language=language, **grad_norm_lr
         )
         written["grad_norm_lr"] = figures.FIGURE_FILES["grad_norm_lr"]
     if records.memory_series:
