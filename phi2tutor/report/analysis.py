@@ -114,7 +114,7 @@ def build_report(
     report["loss"] = loss_section(records)
     report["general"] = general_section(records, report["loss"])
     report["memory"] = memory_section(records, settings, notes)
-    report["phases"] = phases_section(records, phase_boundaries, notes)
+    report["phases"] = phases_section(records, phase_boundaries, settings, notes)
     report["nonfinite"] = nonfinite_section(records)
     report["grad_norm"] = grad_norm_section(records, settings, notes)
     report["learning_rate"] = learning_rate_section(records, notes)
@@ -273,7 +273,9 @@ def coverage_section(records: RunRecords, stop: dict[str, Any]) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------------ phases
-def phases_section(records: RunRecords, boundaries: Sequence[int] | None, notes: list) -> dict[str, Any]:
+def phases_section(
+    records: RunRecords, boundaries: Sequence[int] | None, settings: ReportSettings, notes: list
+) -> dict[str, Any]:
     """The learning phases by the PhaseDetection rule (phi2tutor.phases), or at given boundaries; without
     evidence of phases, the verdict says what the loss did instead."""
     unit, positions, values = analysed_series(records)
@@ -360,7 +362,7 @@ def phases_section(records: RunRecords, boundaries: Sequence[int] | None, notes:
         "phases": phases,
     }
     if verdict == "flat" and trend.tail:
-        result["chance_classes"] = chance_classes(trend.tail, ReportSettings().chance_tolerance_pct)
+        result["chance_classes"] = chance_classes(trend.tail, settings.chance_tolerance_pct)
     if (
         method == "detected"
         and records.online_phase_boundaries is not None
