@@ -167,7 +167,7 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
     tail = finite[-count:]
     smoothed = statistics.median(p.value for p in tail) if tail else None
     trend = describe_trend([p.value for p in points])
-    complete = [(e, v) for e, v in records.epoch_losses]
+    complete = records.epoch_losses
     epochs_run = records.epochs_run
     partial = None
     if epochs_run is not None and epochs_run - math.floor(epochs_run + 1e-6) > 1e-6:
@@ -724,8 +724,7 @@ def recommendations(records: RunRecords, report: dict[str, Any], settings: Repor
     if cut:
         items.append({"tool": tool, **cut})
     elif (
-        not cut
-        and verdict in ("phases", "fell_steadily")
+        verdict in ("phases", "fell_steadily")
         and not val.get("overfitting")
         and not val.get("rising")
         and not nonfinite
