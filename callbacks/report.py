@@ -22,6 +22,7 @@ from callbacks.phases import PhaseDetection
 from phi2tutor.errors import Phi2TutorError, first_line
 from phi2tutor.keys import REPORT_MD, RUN_JSON
 from phi2tutor.report import LANGUAGES, write_report
+from phi2tutor.report.writer import report_directory
 
 # CUDA cores per streaming multiprocessor by compute capability (NVIDIA's CUDA C Programming Guide,
 # "Arithmetic Instructions"); torch reports multiprocessors, not cores.
@@ -166,7 +167,7 @@ class TrainingReport(Callback):
             phase_boundaries=self.phase_boundaries,
             draw_figures=self.figures,
         )
-        self.report_path = Path(self.output_dir or run_dir) / REPORT_MD
+        self.report_path = report_directory(run_dir, self.output_dir) / REPORT_MD
         general = report["general"]
         rank_zero_info(
             f"phi2tutor | training report: {self.report_path} | final loss {general['final_loss']}, mean loss "

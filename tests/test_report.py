@@ -330,3 +330,21 @@ def test_memory_headroom_recommends_the_planners_larger_micro_batch() -> None:
     markdown = render_markdown(report, "en")
     assert f"a micro-batch (data.batch_size) of up to {largest} fits, now 8" in markdown
     assert "## Validation" not in markdown and "No validation was logged" in markdown
+
+
+def test_chance_tolerance_setting_decides_the_named_chance_level() -> None:
+    import math
+
+    from phi2tutor.report import ReportSettings
+
+    level = 1.008 * math.log(4)  # flat, 0.8% above ln 4
+    records = RunRecords(
+        source="chance-test",
+        source_kind="phi2tutor-run",
+        run_name="chance-test",
+        epoch_losses=[(epoch, level) for epoch in range(1, 21)],
+    )
+    assert build_report(records)["phases"]["chance_classes"] == 4
+    strict = ReportSettings(chance_tolerance_pct=0.5)
+    report = build_report(records, settings=strict)
+    assert report["phases"]["verdict"] == "flat" and report["phases"]["chance_classes"] is None

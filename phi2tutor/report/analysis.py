@@ -26,7 +26,14 @@ from phi2tutor.phases import (
     edge_points,
     summarize_phases,
 )
-from phi2tutor.report.records import PHI2TUTOR_RUN, Point, RunRecords, config_value, epoch_index
+from phi2tutor.report.records import (
+    PHI2TUTOR_RUN,
+    Point,
+    RunRecords,
+    config_value,
+    epoch_index,
+    is_number,
+)
 
 REPORT_SCHEMA_VERSION = 2
 
@@ -107,7 +114,7 @@ def build_report(
     report["loss"] = loss_section(records)
     report["general"] = general_section(records, report["loss"])
     report["memory"] = memory_section(records, settings, notes)
-    report["phases"] = phases_section(records, phase_boundaries, notes)
+    report["phases"] = phases_section(records, phase_boundaries, settings, notes)
     report["nonfinite"] = nonfinite_section(records)
     report["grad_norm"] = grad_norm_section(records, settings, notes)
     report["learning_rate"] = learning_rate_section(records, notes)
@@ -160,7 +167,7 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
     tail = finite[-count:]
     smoothed = statistics.median(p.value for p in tail) if tail else None
     trend = describe_trend([p.value for p in points])
-    complete = [(e, v) for e, v in records.epoch_losses]
+    complete = records.epoch_losses
     epochs_run = records.epochs_run
     partial = None
     if epochs_run is not None and epochs_run - math.floor(epochs_run + 1e-6) > 1e-6:
@@ -266,7 +273,9 @@ def coverage_section(records: RunRecords, stop: dict[str, Any]) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------------ phases
-def phases_section(records: RunRecords, boundaries: Sequence[int] | None, notes: list) -> dict[str, Any]:
+def phases_section(
+    records: RunRecords, boundaries: Sequence[int] | None, settings: ReportSettings, notes: list
+) -> dict[str, Any]:
     """The learning phases by the PhaseDetection rule (phi2tutor.phases), or at given boundaries; without
     evidence of phases, the verdict says what the loss did instead."""
     unit, positions, values = analysed_series(records)
@@ -353,7 +362,7 @@ def phases_section(records: RunRecords, boundaries: Sequence[int] | None, notes:
         "phases": phases,
     }
     if verdict == "flat" and trend.tail:
-        result["chance_classes"] = chance_classes(trend.tail, ReportSettings().chance_tolerance_pct)
+        result["chance_classes"] = chance_classes(trend.tail, settings.chance_tolerance_pct)
     if (
         method == "detected"
         and records.online_phase_boundaries is not None
@@ -715,8 +724,7 @@ def recommendations(records: RunRecords, report: dict[str, Any], settings: Repor
     if cut:
         items.append({"tool": tool, **cut})
     elif (
-        not cut
-        and verdict in ("phases", "fell_steadily")
+        verdict in ("phases", "fell_steadily")
         and not val.get("overfitting")
         and not val.get("rising")
         and not nonfinite
@@ -862,7 +870,3 @@ def round_sig(value: float, digits: int) -> float:
 
 def sig4(value: float) -> float | None:
     return round_sig(value, 4) if math.isfinite(value) else None
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

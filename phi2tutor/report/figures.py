@@ -239,8 +239,11 @@ def plot_answer_accuracy(
     _save(figure, path)
 
 
-def figure_inputs(records: Any, report: dict[str, Any], phase_names: dict[str, str]) -> dict[str, Any]:
-    """The x/y data of the loss and grad-norm figures in the unit the phases are counted in."""
+def figure_inputs(
+    records: Any, report: dict[str, Any], phase_names: dict[str, str]
+) -> dict[str, dict[str, Any]]:
+    """The data arguments of ``plot_loss`` ("loss") and ``plot_grad_norm_and_lr`` ("grad_norm_lr"): x/y in
+    the unit the phases are counted in."""
     unit = report["phases"]["unit"]
 
     def x_of(point) -> float:
@@ -278,15 +281,23 @@ def figure_inputs(records: Any, report: dict[str, Any], phase_names: dict[str, s
     best = None
     if val.get("best") is not None and len(validation) > 1:
         best = (float(val["best_step"]) if unit == "step" else float(val["best_epoch"]), val["best"])
-    return {
+    shared = {
         "unit": unit,
-        "train": train,
-        "epoch_means": epoch_means,
-        "validation": validation,
-        "phase_spans": spans,
         "nonfinite_x": nonfinite_x,
         "nonfinite_step": nonfinite["first_step"] if nonfinite else None,
-        "best_validation": best,
-        "grad_norms": [(x_of(p), p.value) for p in records.grad_norms],
-        "learning_rates": [(x_of(p), p.value) for p in records.learning_rates if math.isfinite(p.value)],
+    }
+    return {
+        "loss": {
+            **shared,
+            "train": train,
+            "epoch_means": epoch_means,
+            "validation": validation,
+            "phase_spans": spans,
+            "best_validation": best,
+        },
+        "grad_norm_lr": {
+            **shared,
+            "grad_norms": [(x_of(p), p.value) for p in records.grad_norms],
+            "learning_rates": [(x_of(p), p.value) for p in records.learning_rates if math.isfinite(p.value)],
+        },
     }

@@ -178,7 +178,7 @@ def read_run_directory(run_dir: str | Path) -> RunRecords:
     records.memory = _read_json_file(run_dir / MEMORY_JSON)
     records.config = _read_yaml_file(run_dir / CONFIG_YAML)
     epochs_run = records.run_info.get("epochs_run")
-    records.epochs_run = float(epochs_run) if _is_number(epochs_run) else float(len(records.epoch_losses))
+    records.epochs_run = float(epochs_run) if is_number(epochs_run) else float(len(records.epoch_losses))
     detection = records.run_info.get("phase_detection") or _phase_detection_from_config(records.config)
     if detection:
         records.phase_options = {
@@ -225,7 +225,7 @@ def read_trainer_state(path: str | Path) -> RunRecords:
         if not isinstance(entry, dict):
             raise Phi2TutorError(f"{path}: log_history entry {number} is not an object. {what_to_do}")
         for key in ("loss", "grad_norm", "learning_rate", "epoch", "eval_loss", "train_loss", "step"):
-            if key in entry and not _is_number(entry[key]):
+            if key in entry and not is_number(entry[key]):
                 raise Phi2TutorError(
                     f"{path}: log_history entry {number} has {key}={entry[key]!r}, not a number. {what_to_do}"
                 )
@@ -252,17 +252,17 @@ def read_trainer_state(path: str | Path) -> RunRecords:
             records.val_losses.append(point("eval_loss"))
         for key, value in sorted(entry.items()):
             if key.startswith("eval_") and key != "eval_loss" and key not in _EVAL_BOOKKEEPING:
-                if _is_number(value):
+                if is_number(value):
                     records.eval_metrics.setdefault(key, []).append(point(key))
-        if _is_number(entry.get("train_loss")):
+        if is_number(entry.get("train_loss")):
             records.trainer_reported_mean_loss = float(entry["train_loss"])
         if _is_finite(entry.get("train_runtime")):
             records.run_info["duration_seconds"] = float(entry["train_runtime"])
     accuracy = records.eval_metrics.get("eval_answer_accuracy")
     if accuracy:  # phi2tutor's own metric, logged by an HF run: the same meaning
-        records.answer_accuracy = [(_epoch_index(p.epoch), p.value) for p in accuracy]
+        records.answer_accuracy = [(epoch_index(p.epoch), p.value) for p in accuracy]
     epoch = state.get("epoch")
-    records.epochs_run = float(epoch) if _is_number(epoch) else records.train_losses[-1].epoch
+    records.epochs_run = float(epoch) if is_number(epoch) else records.train_losses[-1].epoch
     records.epoch_losses = _complete_epoch_means(records.train_losses, records.epochs_run)
     records.run_info.update(
         {
@@ -301,16 +301,16 @@ def trainer_state_stop(state: dict[str, Any]) -> dict[str, Any]:
     common = {"step": step, "max_steps": max_steps, "epoch": state.get("epoch")}
     if patience is not None:
         common.update({"patience": patience, "patience_counter": counter})
-    reached_max = _is_number(step) and _is_number(max_steps) and max_steps > 0 and step >= max_steps
+    reached_max = is_number(step) and is_number(max_steps) and max_steps > 0 and step >= max_steps
     if should_stop is False and not reached_max:
         return {"reason": "checkpoint", **common}
-    if _is_number(patience) and _is_number(counter) and counter >= patience and not reached_max:
+    if is_number(patience) and is_number(counter) and counter >= patience and not reached_max:
         return {"reason": "early_stopping", "callback": "EarlyStoppingCallback", **common}
     if reached_max:
         return {"reason": "max_steps", **common}
     if should_stop is True:
         return {"reason": "stopped", **common}
-    if _is_number(step) and _is_number(max_steps) and max_steps > 0:
+    if is_number(step) and is_number(max_steps) and max_steps > 0:
         return {"reason": "ended_before_max_steps", **common}
     return {"reason": "unknown", **common}
 
@@ -329,7 +329,7 @@ def _complete_epoch_means(points: list[Point], epochs_run: float) -> list[tuple[
     """The mean logged loss of each epoch the run completed (a partial last epoch is left out)."""
     grouped: dict[int, list[float]] = {}
     for point in points:
-        grouped.setdefault(_epoch_index(point.epoch), []).append(point.value)
+        grouped.setdefault(epoch_index(point.epoch), []).append(point.value)
     return [
         (epoch, sum(values) / len(values))
         for epoch, values in sorted(grouped.items())
@@ -337,14 +337,10 @@ def _complete_epoch_means(points: list[Point], epochs_run: float) -> list[tuple[
     ]
 
 
-def _epoch_index(epoch: float) -> int:
-    # The Trainer logs the end of epoch 1 as epoch 1.0 and steps inside it as 0.04, 0.5, ...
-    return max(1, math.ceil(float(epoch) - 1e-6))
-
-
 def epoch_index(epoch: float) -> int:
     """The 1-based epoch a fractional epoch position belongs to."""
-    return _epoch_index(epoch)
+    # The Trainer logs the end of epoch 1 as epoch 1.0 and steps inside it as 0.04, 0.5, ...
+    return max(1, math.ceil(float(epoch) - 1e-6))
 
 
 def _boundaries_from_phase_index(points: list[tuple[int, int]]) -> list[int]:
@@ -400,9 +396,10 @@ def config_value(config: dict[str, Any] | None, section: str, key: str) -> Any:
     return part.get(key) if isinstance(part, dict) else None
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A JSON number: an int or a float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_finite(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)

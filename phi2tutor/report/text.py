@@ -31,13 +31,9 @@ TEXT: dict[str, dict[str, str]] = {
         "precision": "Precision",
         "quantization": "Quantization",
         "epochs": "Epochs run",
-        "epochs_value": "{run} (max_epochs {max})",
         "steps": "Optimizer steps",
         "started": "Started / ended",
         "duration": "Duration",
-        "first_loss": "First loss (epoch {epoch})",
-        "final_loss": "Final loss (last epoch, {epoch})",
-        "mean_loss": "Mean loss over the run (mean of the epoch losses)",
         "reported_mean_loss": "Mean loss reported by the Trainer (train_loss)",
         "days": "{n} days",
         "day": "{n} day",
@@ -66,19 +62,12 @@ TEXT: dict[str, dict[str, str]] = {
         "memory_planner": "Memory planner for this config: estimated peak {estimate} MB at micro-batch {batch}; "
         "the largest micro-batch it expects to fit the budget is {largest}.",
         "phases": "Learning phases",
-        "phases_detected": "Phases detected on the epoch loss by phi2tutor.phases, the rule the PhaseDetection "
-        "callback applies during training: window {window} epochs, fine-tuning begins below {ft} and "
-        "stabilization below {st} of the fastest improvement rate.",
         "phases_given": "Phase boundaries given: last epochs {boundaries}.",
         "phases_online": "Boundaries found during training by PhaseDetection: {boundaries}.",
-        "total_reduction": "Total loss reduction: {pct}% (from {start} at epoch {first} to {end} at epoch {last})",
-        "phase_heading": "Phase {number}: {name} (epochs {first}-{last})",
-        "phase_began_at_end": "The {name} phase began after the last epoch ({epoch}).",
         "start_loss": "Start loss: {value}",
         "end_loss": "Loss at the end of the phase: {value}",
         "improvement": "Improvement within the phase: {value}% ((start - end) / start)",
         "share": "Share of the total loss reduction: {value}%",
-        "phase_epochs": "Epochs: {count} ({pct}% of the run)",
         "phase_rapid_learning": "rapid learning",
         "phase_fine_tuning": "fine-tuning",
         "phase_stabilization": "stabilization",
@@ -102,8 +91,6 @@ TEXT: dict[str, dict[str, str]] = {
         "shape_linear": "linear decay from the start",
         "shape_decay": "decay from the start",
         "validation": "Validation",
-        "val_loss": "Validation loss: first {first} (epoch {first_epoch}), best {best} (epoch {best_epoch}), "
-        "last {last} (epoch {last_epoch})",
         "accuracy": "Answer accuracy (final answers right on held-out problems)",
         "acc_first": "First: {value}% at epoch {epoch}",
         "acc_first_before": "Before training: {value}%",
@@ -116,21 +103,17 @@ TEXT: dict[str, dict[str, str]] = {
         "acc_trend_single": "Trend: one evaluation only",
         "stop": "Why the run stopped",
         "stop_max_epochs": "It reached max_epochs ({epoch}).",
-        "stop_max_steps": "It reached max_steps ({step}).",
         "stop_plateau": "PlateauStopping stopped it at epoch {epoch}: the loss had stopped improving.",
         "stop_early_stopping": "Early stopping ({callback}) stopped it at epoch {epoch}.",
         "stop_interrupted": "It was interrupted ({exception}) during epoch {epoch}; this report uses what was "
         "logged until then.",
         "stop_failed": "It failed with {exception} during epoch {epoch}; this report uses what was logged until "
         "then.",
-        "stop_stopped": "trainer.should_stop was set (by a callback or the module) at epoch {epoch}.",
         "stop_stopped_early": "It stopped at step {step} of max_steps {max_steps}, before its schedule ended: early "
         "stopping or an interruption (trainer_state.json does not say which).",
         "stop_unknown": "Unknown: the records do not say.",
         "stop_message": "Its message: {message}",
         "figures": "Figures",
-        "fig_loss": "Training loss per step and per epoch, with the learning phases shaded.",
-        "fig_grad_norm_lr": "Gradient norm (left axis) and learning rate (right axis).",
         "fig_memory": "Memory over the optimizer steps, with the budget line.",
         "fig_answer_accuracy": "Answer accuracy by epoch.",
         "recommendations": "Recommendations",
@@ -165,10 +148,6 @@ TEXT: dict[str, dict[str, str]] = {
         "note_online_phases_differ": "The boundaries found during training ({online}) differ from the ones found "
         "now ({offline}): the run was resumed or its options changed.",
         "note_no_grad_norm": "No gradient norm was logged: its section is left out.",
-        "note_no_learning_rate": "No learning rate was logged: its section is left out (add "
-        "LearningRateMonitor).",
-        "note_no_validation": "No validation was logged (no val/loss, no answer accuracy): the validation "
-        "section is left out.",
         "note_no_answer_accuracy": "No answer accuracy was logged: add callbacks.math_eval.MathAnswerEval to "
         "measure it.",
     },
@@ -190,13 +169,9 @@ TEXT: dict[str, dict[str, str]] = {
         "precision": "Precisión",
         "quantization": "Cuantización",
         "epochs": "Épocas entrenadas",
-        "epochs_value": "{run} (max_epochs {max})",
         "steps": "Pasos del optimizador",
         "started": "Inicio / fin",
         "duration": "Duración",
-        "first_loss": "Pérdida inicial (época {epoch})",
-        "final_loss": "Pérdida final (última época, {epoch})",
-        "mean_loss": "Pérdida media del entrenamiento (media de las pérdidas por época)",
         "reported_mean_loss": "Pérdida media según el Trainer (train_loss)",
         "days": "{n} días",
         "day": "{n} día",
@@ -225,21 +200,12 @@ TEXT: dict[str, dict[str, str]] = {
         "memory_planner": "Planificador de memoria para esta configuración: pico estimado de {estimate} MB con "
         "micro-lote {batch}; el mayor micro-lote que cabe en el presupuesto según su estimación es {largest}.",
         "phases": "Fases del aprendizaje",
-        "phases_detected": "Fases detectadas sobre la pérdida por época con phi2tutor.phases, la misma regla que "
-        "aplica el callback PhaseDetection durante el entrenamiento: ventana de {window} épocas; el ajuste "
-        "fino empieza por debajo de {ft} y la estabilización por debajo de {st} de la mayor velocidad de "
-        "mejora.",
         "phases_given": "Límites de fase indicados: últimas épocas {boundaries}.",
         "phases_online": "Límites hallados durante el entrenamiento por PhaseDetection: {boundaries}.",
-        "total_reduction": "Reducción total de la pérdida: {pct}% (de {start} en la época {first} a {end} en la "
-        "época {last})",
-        "phase_heading": "Fase {number}: {name} (épocas {first}-{last})",
-        "phase_began_at_end": "La fase de {name} empezó después de la última época ({epoch}).",
         "start_loss": "Pérdida inicial: {value}",
         "end_loss": "Pérdida al final de la fase: {value}",
         "improvement": "Mejora dentro de la fase: {value}% ((inicial - final) / inicial)",
         "share": "Parte de la reducción total de la pérdida: {value}%",
-        "phase_epochs": "Épocas: {count} (el {pct}% del entrenamiento)",
         "phase_rapid_learning": "aprendizaje rápido",
         "phase_fine_tuning": "ajuste fino",
         "phase_stabilization": "estabilización",
@@ -265,8 +231,6 @@ TEXT: dict[str, dict[str, str]] = {
         "shape_linear": "decaimiento lineal desde el principio",
         "shape_decay": "decaimiento desde el principio",
         "validation": "Validación",
-        "val_loss": "Pérdida de validación: primera {first} (época {first_epoch}), mejor {best} (época "
-        "{best_epoch}), última {last} (época {last_epoch})",
         "accuracy": "Aciertos de la respuesta final (problemas reservados)",
         "acc_first": "Primera evaluación: {value}% en la época {epoch}",
         "acc_first_before": "Antes de entrenar: {value}%",
@@ -279,21 +243,17 @@ TEXT: dict[str, dict[str, str]] = {
         "acc_trend_single": "Tendencia: solo hay una evaluación",
         "stop": "Por qué terminó el entrenamiento",
         "stop_max_epochs": "Llegó a max_epochs ({epoch}).",
-        "stop_max_steps": "Llegó a max_steps ({step}).",
         "stop_plateau": "PlateauStopping lo detuvo en la época {epoch}: la pérdida había dejado de mejorar.",
         "stop_early_stopping": "La parada temprana ({callback}) lo detuvo en la época {epoch}.",
         "stop_interrupted": "Se interrumpió ({exception}) durante la época {epoch}; este informe usa lo "
         "registrado hasta entonces.",
         "stop_failed": "Falló con {exception} durante la época {epoch}; este informe usa lo registrado hasta "
         "entonces.",
-        "stop_stopped": "Se activó trainer.should_stop (un callback o el módulo) en la época {epoch}.",
         "stop_stopped_early": "Se detuvo en el paso {step} de max_steps {max_steps}, antes de acabar su programa: "
         "parada temprana o interrupción (trainer_state.json no dice cuál).",
         "stop_unknown": "Desconocido: los registros no lo dicen.",
         "stop_message": "Su mensaje: {message}",
         "figures": "Figuras",
-        "fig_loss": "Pérdida de entrenamiento por paso y por época, con las fases del aprendizaje sombreadas.",
-        "fig_grad_norm_lr": "Norma del gradiente (eje izquierdo) y learning rate (eje derecho).",
         "fig_memory": "Memoria a lo largo de los pasos del optimizador, con la línea del presupuesto.",
         "fig_answer_accuracy": "Aciertos de la respuesta por época.",
         "recommendations": "Recomendaciones",
@@ -329,10 +289,6 @@ TEXT: dict[str, dict[str, str]] = {
         "note_online_phases_differ": "Los límites hallados durante el entrenamiento ({online}) no coinciden con "
         "los de ahora ({offline}): se reanudó el entrenamiento o cambiaron sus opciones.",
         "note_no_grad_norm": "No se registró la norma del gradiente: se omite su sección.",
-        "note_no_learning_rate": "No se registró el learning rate: se omite su sección (añade "
-        "LearningRateMonitor).",
-        "note_no_validation": "No se registró validación (ni val/loss ni aciertos): se omite la sección de "
-        "validación.",
         "note_no_answer_accuracy": "No se registraron aciertos de la respuesta: añade "
         "callbacks.math_eval.MathAnswerEval para medirlos.",
     },
@@ -615,10 +571,15 @@ def fmt_count(value: int | None, language: str) -> str:
     return grouped if language == "en" else grouped.replace(",", " ")
 
 
-def render_markdown(report: dict[str, Any], language: str = "en") -> str:
-    """report.md's text from report.json's content, in English ("en") or Spanish ("es")."""
+def check_language(language: str) -> None:
+    """Raise Phi2TutorError unless report.md can be written in ``language``."""
     if language not in LANGUAGES:
         raise Phi2TutorError(f"language {language!r} is not available: use one of {', '.join(LANGUAGES)}.")
+
+
+def render_markdown(report: dict[str, Any], language: str = "en") -> str:
+    """report.md's text from report.json's content, in English ("en") or Spanish ("es")."""
+    check_language(language)
     t = TEXT[language]
 
     def f(value: Any) -> str:

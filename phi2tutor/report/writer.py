@@ -8,11 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from phi2tutor.errors import Phi2TutorError
 from phi2tutor.keys import REPORT_JSON, REPORT_MD
-from phi2tutor.report.analysis import ReportSettings, build_report
+from phi2tutor.report.analysis import PHASE_NAME_KEYS, ReportSettings, build_report
 from phi2tutor.report.records import RunRecords, load_records
-from phi2tutor.report.text import LANGUAGES, TEXT, render_markdown
+from phi2tutor.report.text import LANGUAGES, TEXT, check_language, render_markdown
 
 
 def write_figures(
@@ -21,36 +20,18 @@ def write_figures(
     """Draw the figures whose data were logged; return {figure name: file name} for report.md."""
     from phi2tutor.report import figures
 
-    names = {
-        key: TEXT[language][f"phase_{key}"] for key in ("rapid_learning", "fine_tuning", "stabilization")
-    }
-    data = figures.figure_inputs(records, report, names)
+    names = {key: TEXT[language][f"phase_{key}"] for key in PHASE_NAME_KEYS}
+    inputs = figures.figure_inputs(records, report, names)
     run = report["run_name"]
     written: dict[str, str] = {}
     figures.plot_loss(
-        output_dir / figures.FIGURE_FILES["loss"],
-        run_name=run,
-        unit=data["unit"],
-        train=data["train"],
-        epoch_means=data["epoch_means"],
-        validation=data["validation"],
-        phase_spans=data["phase_spans"],
-        nonfinite_x=data["nonfinite_x"],
-        nonfinite_step=data["nonfinite_step"],
-        best_validation=data["best_validation"],
-        language=language,
+        output_dir / figures.FIGURE_FILES["loss"], run_name=run, language=language, **inputs["loss"]
     )
     written["loss"] = figures.FIGURE_FILES["loss"]
-    if data["grad_norms"] or data["learning_rates"]:
+    grad_norm_lr = inputs["grad_norm_lr"]
+    if grad_norm_lr["grad_norms"] or grad_norm_lr["learning_rates"]:
         figures.plot_grad_norm_and_lr(
-            output_dir / figures.FIGURE_FILES["grad_norm_lr"],
-            run_name=run,
-            unit=data["unit"],
-            grad_norms=data["grad_norms"],
-            learning_rates=data["learning_rates"],
-            nonfinite_x=data["nonfinite_x"],
-            nonfinite_step=data["nonfinite_step"],
-            language=language,
+            output_dir / figures.FIGURE_FILES["grad_norm_lr"], run_name=run, language=language, **grad_norm_lr
         )
         written["grad_norm_lr"] = figures.FIGURE_FILES["grad_norm_lr"]
     if records.memory_series:
@@ -68,6 +49,14 @@ def write_figures(
         )
         written["answer_accuracy"] = figures.FIGURE_FILES["answer_accuracy"]
     return written
+
+
+def report_directory(source: str | Path, output_dir: str | Path | None = None) -> Path:
+    """Where a run's report goes: ``output_dir``, else the run directory (a trainer_state.json's folder)."""
+    if output_dir is not None:
+        return Path(output_dir)
+    source = Path(source)
+    return source if source.is_dir() else source.parent
 
 
 def write_report(
@@ -89,17 +78,11 @@ def write_report(
         settings: the report's rules of judgement.
         draw_figures: write the PNG figures.
     """
-    if language not in LANGUAGES:
-        raise Phi2TutorError(f"language {language!r} is not available: use one of {', '.join(LANGUAGES)}.")
+    check_language(language)  # before the run is read
     records = load_records(source)
     report = build_report(records, phase_boundaries=phase_boundaries, settings=settings)
     report["language"] = language
-    source_path = Path(records.source)
-    output = (
-        Path(output_dir)
-        if output_dir is not None
-        else (source_path if source_path.is_dir() else source_path.parent)
-    )
+    output = report_directory(records.source, output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if draw_figures:
         report["figures"] = write_figures(records, report, output, language)
@@ -141,8 +124,7 @@ def main_report(args: list[str]) -> None:
     if options.json:
         print(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False))
     else:
-        where = Path(options.output) if options.output else Path(report["source"])
-        where = where if where.is_dir() else where.parent
+        where = report_directory(report["source"], options.output)
         count = len(report["figures"])
         print(
             f"phi2tutor report: wrote {where / REPORT_MD}, {where / REPORT_JSON} and {count} figure{'s' * (count != 1)}"
