@@ -143,16 +143,26 @@ def report_numbers(run_dir: Path | None) -> list[tuple[str, str]]:
     for key, label in (
         ("epochs_run", "epochs run"),
         ("optimizer_steps", "optimizer steps"),
-        ("first_loss", "first epoch loss"),
-        ("final_loss", "final epoch loss"),
         ("duration_seconds", "training time (s)"),
         ("trainable_parameters", "trainable parameters"),
     ):
         if general.get(key) is not None:
             rows.append((label, str(general[key])))
-    phases = (report or {}).get("phases") or {}
-    if phases.get("total_reduction_pct") is not None:
-        rows.append(("loss reduction", f"{phases['total_reduction_pct']} %"))
+    loss = (report or {}).get("loss") or {}
+    for key, label in (("first", "first logged loss"), ("last", "last logged loss")):
+        point = loss.get(key) or {}
+        if point.get("value") is not None:
+            rows.append((f"{label} (step {point['step']})", str(point["value"])))
+    smoothed = loss.get("smoothed_final") or {}
+    if smoothed.get("value") is not None:
+        rows.append(
+            (
+                f"final loss, {smoothed['rule']} of the last {smoothed['points']} points",
+                str(smoothed["value"]),
+            )
+        )
+    if loss.get("reduction_pct") is not None:
+        rows.append(("loss reduction, first to last logged", f"{loss['reduction_pct']} %"))
     accuracy = ((report or {}).get("validation") or {}).get("answer_accuracy") or {}
     for key in ("first", "best", "last"):
         if accuracy.get(key) is None:

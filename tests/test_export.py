@@ -75,7 +75,9 @@ def test_model_card_states_base_lora_and_the_reports_numbers(exported, tiny_tuto
     card = (exported / "fp16" / "README.md").read_text()
     report = json.loads((tiny_tutor_run / "report.json").read_text())
     assert "tiny-phi-arith" in card and "r 8, alpha 16" in card and "embed_tokens, lm_head" in card
-    assert f"| final epoch loss | {report['general']['final_loss']} |" in card
+    last = report["loss"]["last"]
+    assert f"| last logged loss (step {last['step']}) | {last['value']} |" in card
+    assert f"| loss reduction, first to last logged | {report['loss']['reduction_pct']} % |" in card
     assert f"| epochs run | {report['general']['epochs_run']} |" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
 
