@@ -13,7 +13,6 @@ import torch
 
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.memory import (
-    DEFAULT_LORA_TARGETS,
     KNOWN_MODEL_CONFIGS,
     MB,
     base_weight_breakdown,
@@ -29,6 +28,7 @@ from phi2tutor.memory import (
     plan_from_config_dict,
     quantized_linear_bytes,
 )
+from phi2tutor.phi2 import PHI2_LORA_TARGETS
 from tests.conftest import REPO, tiny_config, write_yaml
 
 # Odd sizes on purpose: 96*96/64 = 144 absmax blocks (a partial second-level block of 256).
@@ -75,7 +75,7 @@ def load_like_phi2(directory: Path, quantization: str, compute_dtype: str, atten
     return model
 
 
-def with_lora(model, r: int, targets=DEFAULT_LORA_TARGETS):
+def with_lora(model, r: int, targets=PHI2_LORA_TARGETS):
     """peft LoRA as phi2tutor.loading.wrap_with_lora makes it: trainable weights in fp32."""
     from peft import LoraConfig, get_peft_model
 
@@ -259,9 +259,9 @@ def saved_tensor_bytes(model, run) -> int:
 @pytest.mark.parametrize(
     ("quantization", "compute_dtype", "targets"),
     [
-        ("nf4-double", "float32", DEFAULT_LORA_TARGETS),
-        ("none", "float32", DEFAULT_LORA_TARGETS),
-        ("nf4-double", "float16", DEFAULT_LORA_TARGETS),
+        ("nf4-double", "float32", PHI2_LORA_TARGETS),
+        ("none", "float32", PHI2_LORA_TARGETS),
+        ("nf4-double", "float16", PHI2_LORA_TARGETS),
         ("nf4", "float32", ("dense", "fc2")),  # the first layer's attention then needs no gradient
     ],
 )
