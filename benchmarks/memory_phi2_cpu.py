@@ -77,7 +77,12 @@ from memory_phi2 import (  # noqa: E402
 from phi2tutor import offload as phi2tutor_offload  # noqa: E402
 from phi2tutor.loading import bundled_tokenizer_dir  # noqa: E402
 from phi2tutor.memory import MB, MemoryEstimate  # noqa: E402
-from phi2tutor.memory.tracker import LiveTensorBytes, storage_bytes  # noqa: E402
+from phi2tutor.memory.tracker import (  # noqa: E402
+    LiveTensorBytes,
+    frozen_model_tensors,
+    optimizer_state_tensors,
+    storage_bytes,
+)
 from phi2tutor.model import TutorModule  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -238,27 +243,6 @@ class StepMeasurement:
     loss: float = math.nan
     # phase -> ((phase that created it, op or kind) -> bytes) at that phase's peak, the largest first
     details: dict[str, list[tuple[tuple[str, str], int]]] = field(default_factory=dict)
-
-
-def frozen_model_tensors(model: torch.nn.Module):
-    """Every tensor the frozen model holds: parameters, bitsandbytes quantization state, buffers."""
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            continue
-        yield parameter
-        state = getattr(parameter, "quant_state", None)
-        if state is not None:
-            yield from (t for t in (state.absmax, state.code, state.offset) if t is not None)
-            if state.state2 is not None:
-                yield from (state.state2.absmax, state.state2.code)
-    yield from model.buffers()
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer):
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
-                yield value
 
 
 def category(created_in: str, kind: str, phase: str) -> str:
