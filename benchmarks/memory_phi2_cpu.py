@@ -369,12 +369,12 @@ class StepMemoryProbe(Callback):
         phase_breakdown: dict[str, dict[str, int]] = {}
         details: dict[str, list[tuple[tuple[str, str], int]]] = {}
         for phase, peak in tracker.peaks.items():
+            detail = tracker.breakdown(peak.alive_ids)
             groups: dict[str, int] = {}
-            for (created_in, kind), nbytes in tracker.breakdown(peak.alive_ids).items():
+            for (created_in, kind), nbytes in detail.items():
                 name = category(created_in, kind, phase)
                 groups[name] = groups.get(name, 0) + nbytes
             phase_breakdown[phase] = groups
-            detail = tracker.breakdown(peak.alive_ids)
             details[phase] = sorted(detail.items(), key=lambda item: -item[1])
         loss = trainer.callback_metrics.get("train/loss")
         self.result = StepMeasurement(
