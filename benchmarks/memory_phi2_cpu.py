@@ -62,15 +62,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
-from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch.utils.data import ConcatDataset, DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_phi2 import (  # noqa: E402
     MODEL_FIELDS,
     PHI2_SHAPE,
+    SMALL_SHAPE,
     RandomAnswerBatches,
+    planner_estimate,
     read_config,
+    trainer_precision_args,
     write_random_checkpoint,
 )
 
@@ -87,15 +89,9 @@ from phi2tutor.model import TutorModule  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "phi2-qlora-4gb.yaml"
-# Phi-2's proportions at a width that runs in seconds: the smoke test's size.
-REDUCED_SHAPE: dict[str, Any] = {
-    **PHI2_SHAPE,
-    "hidden_size": 320,
-    "intermediate_size": 1280,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "vocab_size": 4096,
-}
+# Phi-2's proportions at a width that runs in seconds (memory_phi2.py's small Phi, vocab 4096): the smoke
+# test's size. Each run sets its own number of layers.
+REDUCED_SHAPE: dict[str, Any] = {**SMALL_SHAPE, "vocab_size": 4096}
 WARMUP_LENGTH = 16  # tokens of the first, unmeasured step
 PHASE_FORWARD = "forward"
 PHASE_LOSS_FORWARD = "loss forward"
@@ -425,12 +421,6 @@ def measure(
         ]
     )
     probe = StepMemoryProbe(measured_batch=steps - 1, cuda_rules=cuda_rules)
-    precision = str(trainer_config.get("precision", "32-true"))
-    if precision == "16-mixed":
-        # Lightning maps 16-mixed on the CPU to bf16-mixed; the plugin keeps fp16 autocast and the scaler.
-        precision_args: dict[str, Any] = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
-    else:
-        precision_args = {"precision": precision}
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -445,7 +435,7 @@ def measure(
         limit_val_batches=0,
         default_root_dir=str(work_dir),
         callbacks=[probe],
-        **precision_args,
+        **trainer_precision_args(str(trainer_config.get("precision", "32-true")), on_cuda=False),
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=1, shuffle=False))
     if probe.result is None:
@@ -454,24 +444,6 @@ def measure(
     del trainer, module
     gc.collect()
     return result
-
-
-def planner_estimate(
-    shape: dict[str, Any],
-    model_settings: dict[str, Any],
-    precision: str,
-    max_length: int,
-    loss_fraction: float,
-) -> MemoryEstimate:
-    from phi2tutor.memory import plan_from_hparams
-
-    return plan_from_hparams(
-        {**model_settings, "model_config": shape},
-        {"batch_size": 1, "max_length": max_length},
-        precision,
-        1,
-        loss_token_fraction=loss_fraction,
-    )
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -670,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 args.seed,
                 Path(work_dir),
             )
-            estimate = planner_estimate(shape, model_settings, precision, max_length, loss_fraction)
+            estimate = planner_estimate(model_settings, shape, 1, max_length, precision, 1, loss_fraction)
             table, _ = comparison_table(estimate, measurement)
             print(table)
             if args.details:
@@ -687,7 +659,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     (small, _), (large, large_estimate) = runs
     full_layers = PHI2_SHAPE["num_hidden_layers"]
     full_estimate = planner_estimate(
-        {**width, "num_hidden_layers": full_layers}, model_settings, precision, max_length, loss_fraction
+        model_settings,
+        {**width, "num_hidden_layers": full_layers},
+        1,
+        max_length,
+        precision,
+        1,
+        loss_fraction,
     )
     extrapolated = extrapolate(small, large, full_layers)
     print(
