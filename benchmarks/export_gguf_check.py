@@ -46,14 +46,12 @@ def main() -> None:
 
     from phi2tutor.export import export_transformers
     from phi2tutor.gguf_export import export_gguf
-    from phi2tutor.grading import extract_answer
-    from phi2tutor.prompts import format_prompt
+    from phi2tutor.grading import grade
+    from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
     from phi2tutor.synthetic import SyntheticSpec, generate_splits
     from phi2tutor.tutor import locate_tutor, tutor_settings
 
-    template = (
-        tutor_settings(locate_tutor(args.tutor)).get("prompt_template") or "Instruct: {question}\nOutput:"
-    )
+    template = tutor_settings(locate_tutor(args.tutor)).get("prompt_template") or PHI2_QA_TEMPLATE
     problems = generate_splits(
         SyntheticSpec(train_size=10, val_size=10, test_size=args.problems, max_operand=10)
     )
@@ -71,10 +69,7 @@ def main() -> None:
             reference.append(
                 tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
             )
-        right = sum(
-            extract_answer(a) == extract_answer(p["answer"].split("####")[-1])
-            for a, p in zip(reference, problems)
-        )
+        right = sum(grade(a, p["answer"]).correct for a, p in zip(reference, problems))
         print(f"transformers (merged, float32): answer accuracy {right}/{len(problems)}")
         results = []
         for kind in ("f16", "q8_0"):
@@ -87,7 +82,7 @@ def main() -> None:
                     "text"
                 ].strip()
                 same_answers += text == answer
-                correct += extract_answer(text) == extract_answer(problem["answer"].split("####")[-1])
+                correct += grade(text, problem["answer"]).correct
             size_mb = path.stat().st_size / 2**20
             print(
                 f"llama.cpp {kind} ({size_mb:.2f} MB): prompt tokens identical {same_tokens}/{len(prompts)}, greedy "

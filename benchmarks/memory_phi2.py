@@ -231,6 +231,14 @@ def read_config(path: Path) -> dict[str, dict[str, Any]]:
     return {name: dict(config.get(name) or {}) for name in ("model", "data", "trainer")}
 
 
+def trainer_precision_args(precision: str, on_cuda: bool) -> dict[str, Any]:
+    """The Trainer's keyword arguments for ``precision``: on the CPU 16-mixed needs the plugin."""
+    if not on_cuda and precision == "16-mixed":
+        # Lightning maps 16-mixed on the CPU to bf16-mixed; the plugin keeps fp16 autocast and the scaler.
+        return {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+    return {"precision": precision}
+
+
 def train_and_measure(
     module: TutorModule,
     loader: DataLoader,
@@ -240,13 +248,6 @@ def train_and_measure(
     root_dir: str,
 ) -> tuple[TrainingMeasurement, Trainer]:
     clock = StepClock(warmup_batches, on_cuda)
-    if on_cuda:
-        precision_args: dict[str, Any] = {"precision": trainer_settings["precision"]}
-    elif trainer_settings["precision"] == "16-mixed":
-        # Lightning maps 16-mixed on the CPU to bf16-mixed; the plugin keeps fp16 autocast and the scaler.
-        precision_args = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
-    else:
-        precision_args = {"precision": trainer_settings["precision"]}
     trainer = Trainer(
         accelerator="gpu" if on_cuda else "cpu",
         devices=1,
@@ -261,7 +262,7 @@ def train_and_measure(
         limit_val_batches=0,
         default_root_dir=root_dir,
         callbacks=[clock],
-        **precision_args,
+        **trainer_precision_args(trainer_settings["precision"], on_cuda),
     )
     trainer.fit(module, train_dataloaders=loader)
     optimizer = trainer.optimizers[0]

@@ -62,35 +62,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
-from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch.utils.data import ConcatDataset, DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_phi2 import (  # noqa: E402
     MODEL_FIELDS,
     PHI2_SHAPE,
+    SMALL_SHAPE,
     RandomAnswerBatches,
+    planner_estimate,
     read_config,
+    trainer_precision_args,
     write_random_checkpoint,
 )
 
 from phi2tutor import offload as phi2tutor_offload  # noqa: E402
 from phi2tutor.loading import bundled_tokenizer_dir  # noqa: E402
 from phi2tutor.memory import MB, MemoryEstimate  # noqa: E402
-from phi2tutor.memory.tracker import LiveTensorBytes, storage_bytes  # noqa: E402
+from phi2tutor.memory.tracker import (  # noqa: E402
+    LiveTensorBytes,
+    frozen_model_tensors,
+    optimizer_state_tensors,
+    storage_bytes,
+)
 from phi2tutor.model import TutorModule  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "phi2-qlora-4gb.yaml"
-# Phi-2's proportions at a width that runs in seconds: the smoke test's size.
-REDUCED_SHAPE: dict[str, Any] = {
-    **PHI2_SHAPE,
-    "hidden_size": 320,
-    "intermediate_size": 1280,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "vocab_size": 4096,
-}
+# Phi-2's proportions at a width that runs in seconds (memory_phi2.py's small Phi, vocab 4096): the smoke
+# test's size. Each run sets its own number of layers.
+REDUCED_SHAPE: dict[str, Any] = {**SMALL_SHAPE, "vocab_size": 4096}
 WARMUP_LENGTH = 16  # tokens of the first, unmeasured step
 PHASE_FORWARD = "forward"
 PHASE_LOSS_FORWARD = "loss forward"
@@ -240,27 +241,6 @@ class StepMeasurement:
     details: dict[str, list[tuple[tuple[str, str], int]]] = field(default_factory=dict)
 
 
-def frozen_model_tensors(model: torch.nn.Module):
-    """Every tensor the frozen model holds: parameters, bitsandbytes quantization state, buffers."""
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            continue
-        yield parameter
-        state = getattr(parameter, "quant_state", None)
-        if state is not None:
-            yield from (t for t in (state.absmax, state.code, state.offset) if t is not None)
-            if state.state2 is not None:
-                yield from (state.state2.absmax, state.state2.code)
-    yield from model.buffers()
-
-
-def optimizer_state_tensors(optimizer: torch.optim.Optimizer):
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
-                yield value
-
-
 def category(created_in: str, kind: str, phase: str) -> str:
     """Group a storage alive at ``phase``'s peak by the phase that made it (gradients by what they are)."""
     if kind in (GRADIENTS, PREVIOUS_GRADIENTS):
@@ -385,12 +365,12 @@ class StepMemoryProbe(Callback):
         phase_breakdown: dict[str, dict[str, int]] = {}
         details: dict[str, list[tuple[tuple[str, str], int]]] = {}
         for phase, peak in tracker.peaks.items():
+            detail = tracker.breakdown(peak.alive_ids)
             groups: dict[str, int] = {}
-            for (created_in, kind), nbytes in tracker.breakdown(peak.alive_ids).items():
+            for (created_in, kind), nbytes in detail.items():
                 name = category(created_in, kind, phase)
                 groups[name] = groups.get(name, 0) + nbytes
             phase_breakdown[phase] = groups
-            detail = tracker.breakdown(peak.alive_ids)
             details[phase] = sorted(detail.items(), key=lambda item: -item[1])
         loss = trainer.callback_metrics.get("train/loss")
         self.result = StepMeasurement(
@@ -441,12 +421,6 @@ def measure(
         ]
     )
     probe = StepMemoryProbe(measured_batch=steps - 1, cuda_rules=cuda_rules)
-    precision = str(trainer_config.get("precision", "32-true"))
-    if precision == "16-mixed":
-        # Lightning maps 16-mixed on the CPU to bf16-mixed; the plugin keeps fp16 autocast and the scaler.
-        precision_args: dict[str, Any] = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
-    else:
-        precision_args = {"precision": precision}
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -461,7 +435,7 @@ def measure(
         limit_val_batches=0,
         default_root_dir=str(work_dir),
         callbacks=[probe],
-        **precision_args,
+        **trainer_precision_args(str(trainer_config.get("precision", "32-true")), on_cuda=False),
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=1, shuffle=False))
     if probe.result is None:
@@ -470,24 +444,6 @@ def measure(
     del trainer, module
     gc.collect()
     return result
-
-
-def planner_estimate(
-    shape: dict[str, Any],
-    model_settings: dict[str, Any],
-    precision: str,
-    max_length: int,
-    loss_fraction: float,
-) -> MemoryEstimate:
-    from phi2tutor.memory import plan_from_hparams
-
-    return plan_from_hparams(
-        {**model_settings, "model_config": shape},
-        {"batch_size": 1, "max_length": max_length},
-        precision,
-        1,
-        loss_token_fraction=loss_fraction,
-    )
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -686,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 args.seed,
                 Path(work_dir),
             )
-            estimate = planner_estimate(shape, model_settings, precision, max_length, loss_fraction)
+            estimate = planner_estimate(model_settings, shape, 1, max_length, precision, 1, loss_fraction)
             table, _ = comparison_table(estimate, measurement)
             print(table)
             if args.details:
@@ -703,7 +659,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     (small, _), (large, large_estimate) = runs
     full_layers = PHI2_SHAPE["num_hidden_layers"]
     full_estimate = planner_estimate(
-        {**width, "num_hidden_layers": full_layers}, model_settings, precision, max_length, loss_fraction
+        model_settings,
+        {**width, "num_hidden_layers": full_layers},
+        1,
+        max_length,
+        precision,
+        1,
+        loss_fraction,
     )
     extrapolated = extrapolate(small, large, full_layers)
     print(

@@ -5,9 +5,6 @@ TutorModule's ``embeddings_on_cpu`` and ``offload_checkpoints`` options use them
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
@@ -46,10 +43,8 @@ def keep_embeddings_on_host(model: nn.Module) -> HostEmbedding:
     return host
 
 
-@contextlib.contextmanager
-def saved_tensors_on_host(device: torch.device) -> Iterator[None]:
+def saved_tensors_on_host(device: torch.device) -> torch.autograd.graph.save_on_cpu:
     """Tensors autograd saves inside the block (with non-reentrant checkpointing: the checkpointed layers'
     inputs) wait for the backward in CPU memory, pinned on CUDA (torch.autograd.graph.save_on_cpu). On the
     CPU the same hooks run and move nothing."""
-    with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
-        yield
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")

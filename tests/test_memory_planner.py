@@ -13,7 +13,6 @@ import torch
 
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.memory import (
-    DEFAULT_LORA_TARGETS,
     KNOWN_MODEL_CONFIGS,
     MB,
     base_weight_breakdown,
@@ -29,6 +28,13 @@ from phi2tutor.memory import (
     plan_from_config_dict,
     quantized_linear_bytes,
 )
+from phi2tutor.memory.tracker import (
+    LiveTensorBytes,
+    frozen_model_tensors,
+    optimizer_state_tensors,
+    storage_bytes,
+)
+from phi2tutor.phi2 import PHI2_LORA_TARGETS
 from tests.conftest import REPO, tiny_config, write_yaml
 
 # Odd sizes on purpose: 96*96/64 = 144 absmax blocks (a partial second-level block of 256).
@@ -75,7 +81,7 @@ def load_like_phi2(directory: Path, quantization: str, compute_dtype: str, atten
     return model
 
 
-def with_lora(model, r: int, targets=DEFAULT_LORA_TARGETS):
+def with_lora(model, r: int, targets=PHI2_LORA_TARGETS):
     """peft LoRA as phi2tutor.loading.wrap_with_lora makes it: trainable weights in fp32."""
     from peft import LoraConfig, get_peft_model
 
@@ -84,28 +90,6 @@ def with_lora(model, r: int, targets=DEFAULT_LORA_TARGETS):
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     return peft_model
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes of distinct storages among ``tensors``."""
-    storages = {}
-    for tensor in tensors:
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
-def model_tensors(model):
-    """Every tensor the frozen model holds: parameters, bitsandbytes quantization state, buffers."""
-    for parameter in model.parameters():
-        yield parameter
-        state = getattr(parameter, "quant_state", None)
-        if state is not None:
-            yield from (t for t in (state.absmax, state.code, state.offset) if t is not None)
-            if state.state2 is not None:
-                yield from (state.state2.absmax, state.state2.code)
-        if getattr(parameter, "SCB", None) is not None:
-            yield parameter.SCB
-    yield from model.buffers()
 
 
 # --------------------------------------------------------------------------- model config
@@ -144,7 +128,7 @@ def test_config_from_yaml_dict_and_local_directory(tmp_path: Path) -> None:
 def test_weight_bytes_equal_the_loaded_tensors(tmp_path: Path, quantization: str, compute_dtype: str) -> None:
     model = load_like_phi2(tiny_saved_model(tmp_path, SMALL_PHI), quantization, compute_dtype)
     planned = base_weight_breakdown(SMALL_PHI, quantization, compute_dtype)
-    assert sum(nbytes for _, nbytes in planned) == tensor_bytes(model_tensors(model))
+    assert sum(nbytes for _, nbytes in planned) == storage_bytes(frozen_model_tensors(model))
     # lm_head stays unquantized in the compute dtype; only decoder linears are bitsandbytes layers
     assert model.lm_head.weight.dtype == DTYPES[compute_dtype]
     if quantization != "none":
@@ -205,13 +189,7 @@ def optimizer_states_after_one_step(parameters, optimizer: str) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
         opt.step()
-    # torch keeps AdamW's step counter on the host even for CUDA parameters
-    return tensor_bytes(
-        value
-        for state in opt.state.values()
-        for key, value in state.items()
-        if torch.is_tensor(value) and key != "step"
-    )
+    return storage_bytes(optimizer_state_tensors(opt))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "paged_adamw8bit"])
@@ -259,9 +237,9 @@ def saved_tensor_bytes(model, run) -> int:
 @pytest.mark.parametrize(
     ("quantization", "compute_dtype", "targets"),
     [
-        ("nf4-double", "float32", DEFAULT_LORA_TARGETS),
-        ("none", "float32", DEFAULT_LORA_TARGETS),
-        ("nf4-double", "float16", DEFAULT_LORA_TARGETS),
+        ("nf4-double", "float32", PHI2_LORA_TARGETS),
+        ("none", "float32", PHI2_LORA_TARGETS),
+        ("nf4-double", "float16", PHI2_LORA_TARGETS),
         ("nf4", "float32", ("dense", "fc2")),  # the first layer's attention then needs no gradient
     ],
 )
@@ -488,8 +466,6 @@ def test_kept_activation_terms_equal_the_tracked_live_bytes_after_a_checkpointed
 ) -> None:
     """After the decoder's forward with gradient checkpointing, what stays alive (counted by the live-tensor
     tracker) is exactly the planner's kept activations, final-norm and last-hidden-state terms."""
-    from phi2tutor.memory.tracker import LiveTensorBytes
-
     shape = {**SMALL_PHI, "resid_pdrop": 0.0}
     model = load_like_phi2(tiny_saved_model(tmp_path, shape), "nf4-double", "float32")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from phi2tutor.errors import Phi2TutorError, first_line
+from phi2tutor.phi2 import PHI2_HUB_ID, PHI2_LORA_TARGETS
 
 MB = 2**20  # "MB" as torch.cuda's memory statistics and the reference run report it: MiB.
 
 DEFAULT_BUDGET_MB = 4096.0
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 QUANTIZATIONS = ("none", "nf4", "nf4-double", "int8")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -52,7 +52,7 @@ DEFAULT_ALLOCATOR_OVERHEAD_FRACTION = 0.05
 
 # Shapes of models whose config.json is known, so `plan` works without the hub.
 KNOWN_MODEL_CONFIGS: dict[str, dict[str, Any]] = {
-    "microsoft/phi-2": {
+    PHI2_HUB_ID: {
         "hidden_size": 2560,
         "intermediate_size": 10240,
         "num_hidden_layers": 32,
@@ -280,7 +280,7 @@ def base_weight_breakdown(
 
 
 def lora_parameter_shapes(
-    model_config: Any, r: int, target_modules: Sequence[str] = DEFAULT_LORA_TARGETS
+    model_config: Any, r: int, target_modules: Sequence[str] = PHI2_LORA_TARGETS
 ) -> list[tuple[int, int]]:
     """Shapes of every LoRA tensor (A: r x in, B: out x r) of every targeted layer, in model order."""
     shape = model_shape(model_config)
@@ -988,7 +988,7 @@ def estimate_memory(
     compute_dtype: str = "float16",
     precision: str = "16-mixed",
     lora_r: int = 16,
-    lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    lora_target_modules: Sequence[str] = PHI2_LORA_TARGETS,
     lora_dropout: float = 0.05,
     modules_to_save: Sequence[str] = (),
     optimizer: str = "paged_adamw8bit",
@@ -1179,9 +1179,8 @@ def plan_from_config_dict(
     model = _section(config, "model")
     data = _section(config, "data")
     trainer = _section(config, "trainer")
-    shape_config = load_model_config(
-        model.get("model_name_or_path") or "microsoft/phi-2", model.get("model_config")
-    )
+    model_name_or_path = model.get("model_name_or_path") or PHI2_HUB_ID
+    shape_config = load_model_config(model_name_or_path, model.get("model_config"))
     compute_dtype = model.get("compute_dtype", "float32")
     precision = str(trainer.get("precision", "32-true"))
     attention = model.get("attn_implementation")
@@ -1191,11 +1190,7 @@ def plan_from_config_dict(
         attention = FP32_SCORES_ATTENTION if fp16 else "sdpa"
     if attention not in ATTENTIONS:
         attention = "eager"  # other implementations (flash) keep no more than eager does
-    label = (
-        "model.model_config"
-        if model.get("model_config") is not None
-        else model.get("model_name_or_path") or "microsoft/phi-2"
-    )
+    label = "model.model_config" if model.get("model_config") is not None else model_name_or_path
     try:
         return estimate_memory(
             shape_config,
@@ -1203,7 +1198,7 @@ def plan_from_config_dict(
             compute_dtype=compute_dtype,
             precision=precision,
             lora_r=int(model.get("lora_r", 8)),
-            lora_target_modules=tuple(model.get("lora_target_modules") or DEFAULT_LORA_TARGETS),
+            lora_target_modules=tuple(model.get("lora_target_modules") or PHI2_LORA_TARGETS),
             lora_dropout=float(model.get("lora_dropout", 0.05)),
             modules_to_save=tuple(model.get("modules_to_save") or ()),
             optimizer=model.get("optimizer", "adamw"),

@@ -1,7 +1,8 @@
 """Bytes of live tensors during a training step, counted on any device (the CPU included) by a
 TorchDispatchMode: every storage an op creates is counted until it is freed, with the step phase that
 created it; the peak, the phase it falls in and what is alive at that moment are kept. This is what
-``torch.cuda.max_memory_allocated`` measures on a GPU, less the CUDA allocator's rounding.
+``torch.cuda.max_memory_allocated`` measures on a GPU, less the CUDA allocator's rounding. Also the
+tensors a loaded model and an optimizer hold, and their bytes.
 
 Used by benchmarks/memory_phi2_cpu.py and by the planner's tests; imports torch, not Lightning.
 """
@@ -26,6 +27,31 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def frozen_model_tensors(model: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor the frozen part of ``model`` holds: parameters that take no gradient, their
+    bitsandbytes quantization state (4-bit absmax, codes, offset; int8 SCB row scales), buffers."""
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            continue
+        yield parameter
+        state = getattr(parameter, "quant_state", None)
+        if state is not None:
+            yield from (t for t in (state.absmax, state.code, state.offset) if t is not None)
+            if state.state2 is not None:
+                yield from (state.state2.absmax, state.state2.code)
+        if getattr(parameter, "SCB", None) is not None:
+            yield parameter.SCB
+    yield from model.buffers()
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    """The optimizer's state tensors, less the step counters (torch keeps AdamW's on the host)."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                yield value
 
 
 @dataclass
