@@ -347,11 +347,6 @@ class GPUMemoryProfiler(Callback):
         self._earlier_peaks = dict(state_dict.get("peaks") or {})
 
 
-def _looks_like_tutor(pl_module: LightningModule) -> bool:
-    hparams = getattr(pl_module, "hparams", {}) or {}
-    return "quantization" in hparams and ("model_config" in hparams or "model_name_or_path" in hparams)
-
-
 def _max(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else max(a, b)
 
