@@ -336,8 +336,8 @@ class GPUMemoryProfiler(Callback):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        record = self.measure()
-        peaks = {key: _max(record[key], self._earlier_peaks.get(key)) for key in PEAK_KEYS}
+        record = self.measure()  # its peaks already include the earlier segments'
+        peaks = {key: record[key] for key in PEAK_KEYS}
         return {"samples": self.samples, "budget_warned": self.budget_warned, "peaks": peaks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
