@@ -336,8 +336,8 @@ class GPUMemoryProfiler(Callback):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        record = self.measure()
-        peaks = {key: _max(record[key], self._earlier_peaks.get(key)) for key in PEAK_KEYS}
+        record = self.measure()  # its peaks already include the earlier segments'
+        peaks = {key: record[key] for key in PEAK_KEYS}
         return {"samples": self.samples, "budget_warned": self.budget_warned, "peaks": peaks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -345,11 +345,6 @@ class GPUMemoryProfiler(Callback):
         self.budget_warned = bool(state_dict.get("budget_warned", False))
         # The peaks of the segments before the checkpoint: a resumed run's peak is the whole run's.
         self._earlier_peaks = dict(state_dict.get("peaks") or {})
-
-
-def _looks_like_tutor(pl_module: LightningModule) -> bool:
-    hparams = getattr(pl_module, "hparams", {}) or {}
-    return "quantization" in hparams and ("model_config" in hparams or "model_name_or_path" in hparams)
 
 
 def _max(a: float | None, b: float | None) -> float | None:

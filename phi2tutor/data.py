@@ -262,18 +262,16 @@ class MathDataModule(LightningDataModule):
         self.synthetic = synthetic or SyntheticSpec()
         self.tokenizer_name_or_path = tokenizer_name_or_path
         self.tokenizer = None
-        self.rows: dict[str, list[dict[str, str]]] = {}
+        self.rows: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, TokenizedDataset] = {}
         self.truncated_examples = 0
-        # Per split: rows skipped by reason, and the calculator annotations of each kept row's answer as read.
-        self.skipped: dict[str, dict[str, int]] = {}
-        self.annotations: dict[str, list[int]] = {}
-        self._annotations_seen: list[int] = []
+        self.skipped: dict[str, dict[str, int]] = {}  # per split: rows skipped, by reason
         self._resume_at: tuple[int, int] | None = None  # (epoch, micro-batches done), from a checkpoint
 
     # ------------------------------------------------------------------ rows
-    def load_rows(self) -> dict[str, list[dict[str, str]]]:
-        """Validated {question, answer} rows of every split (cached: read once per run)."""
+    def load_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """Validated {question, answer} rows of every split (cached: read once per run); each row also holds
+        ``where`` (the row in the user's terms) and ``annotations`` (calculator annotations as read)."""
         if self.rows:
             return self.rows
         hp = self.hparams
@@ -281,29 +279,21 @@ class MathDataModule(LightningDataModule):
             splits = generate_splits(
                 replace(self.synthetic, calculator_annotations=self.calculator_annotations)
             )
-            rows = {}
-            for split in SPLITS:
-                self._annotations_seen = []
-                rows[split] = [
+            rows = {
+                split: [
                     self._clean(r, "question", "answer", f"synthetic {split} problem {number}")
                     for number, r in enumerate(splits[split], start=1)
                 ]
-                self.annotations[split] = self._annotations_seen
+                for split in SPLITS
+            }
         else:
             raw = self._read_files() if hp.source == "files" else self._read_hub()
-            rows = {}
-            for split, (origin, records) in raw.items():
-                self._annotations_seen = []
-                rows[split] = self._validate_rows(records, origin, split)
-                self.annotations[split] = self._annotations_seen
+            rows = {
+                split: self._validate_rows(records, origin, split) for split, (origin, records) in raw.items()
+            }
             if "val" not in rows:
-                annotations = dict(zip(map(id, rows["train"]), self.annotations["train"]))
                 rows["train"], rows["val"] = self._split_off_validation(rows["train"])
-                for split in ("train", "val"):
-                    self.annotations[split] = [annotations[id(row)] for row in rows[split]]
-            if "test" not in rows:
-                rows["test"] = rows["val"]
-                self.annotations["test"] = self.annotations["val"]
+            rows.setdefault("test", rows["val"])
         for split in ("train", "val"):
             if not rows[split]:
                 raise Phi2TutorError(
@@ -360,7 +350,7 @@ class MathDataModule(LightningDataModule):
 
     def _validate_rows(
         self, records: list[tuple[int, dict]], origin: str, split: str = "train"
-    ) -> list[dict[str, str]]:
+    ) -> list[dict[str, Any]]:
         hp = self.hparams
         unit = "line" if origin.lower().endswith(".jsonl") else "row"
         rows, skipped = [], 0
@@ -382,13 +372,18 @@ class MathDataModule(LightningDataModule):
             rank_zero_info(f"phi2tutor | skipped {skipped} invalid rows of {origin} (data.skip_invalid_rows)")
         return rows
 
-    def _clean(self, record: dict, question_key: str, answer_key: str, where: str) -> dict[str, str]:
+    def _clean(self, record: dict, question_key: str, answer_key: str, where: str) -> dict[str, Any]:
         answer = str(record[answer_key]).strip()
-        self._annotations_seen.append(len(CALCULATOR_ANNOTATION.findall(answer)))
+        annotations = len(CALCULATOR_ANNOTATION.findall(answer))  # as read, for the data audit
         if not self.calculator_annotations:
             answer = CALCULATOR_ANNOTATION.sub("", answer)
         # "where" names the row in the user's terms (file and line) for later messages.
-        return {"question": str(record[question_key]).strip(), "answer": answer, "where": where}
+        return {
+            "question": str(record[question_key]).strip(),
+            "answer": answer,
+            "where": where,
+            "annotations": annotations,
+        }
 
     @property
     def calculator_annotations(self) -> bool:
@@ -396,14 +391,14 @@ class MathDataModule(LightningDataModule):
         bundled generator's calculator_annotations (either one turns them on for ``source: synthetic``)."""
         return annotated_data(self.hparams.keep_calculator_annotations, self.hparams.source, self.synthetic)
 
-    def _split_off_validation(self, rows: list[dict[str, str]]) -> tuple[list, list]:
+    def _split_off_validation(self, rows: list[dict[str, Any]]) -> tuple[list, list]:
         order = list(range(len(rows)))
         random.Random(self.hparams.seed).shuffle(order)
         n_val = max(1, round(self.hparams.val_fraction * len(rows))) if len(rows) > 1 else 0
         val_ids = set(order[:n_val])
         return [r for i, r in enumerate(rows) if i not in val_ids], [rows[i] for i in sorted(val_ids)]
 
-    def eval_problems(self, split: str = "val") -> list[dict[str, str]]:
+    def eval_problems(self, split: str = "val") -> list[dict[str, Any]]:
         """Held-out problems ({question, answer}) for answer evaluation."""
         return self.load_rows()[split]
 
@@ -457,7 +452,7 @@ class MathDataModule(LightningDataModule):
                 answer_tokens=[len(ids) + 1 for ids in answer_ids],  # + EOS, learned like the answer
                 origin=self._origin(split) if hp.source != "synthetic" else origins["synthetic"],
                 skipped=self.skipped.get(split, {}),
-                annotations=self.annotations.get(split),
+                annotations=[r["annotations"] for r in rows[split]],
             )
         return splits
 
@@ -485,7 +480,7 @@ class MathDataModule(LightningDataModule):
         )
         return Path(output_dir) / DATA_REPORT_MD
 
-    def _tokenize(self, rows: list[dict[str, str]], split: str) -> TokenizedDataset:
+    def _tokenize(self, rows: list[dict[str, Any]], split: str) -> TokenizedDataset:
         hp = self.hparams
         eos = self.tokenizer.eos_token_id
         prompts = [format_prompt(hp.prompt_template, r["question"]) for r in rows]

@@ -292,10 +292,14 @@ def _first_line(error: BaseException) -> str:
     return first_line(error).rstrip(".") + "."
 
 
-def check_checkpoint(path: str | Path) -> None:
+def check_checkpoint(path: str | Path) -> dict[str, Any] | None:
     """Stop with one clear message when ``path`` is not a readable Lightning checkpoint: truncated (an
     interrupted copy or save), empty, or some other torch file. Cheap: the tensors are memory-mapped,
     not read.
+
+    Returns:
+        The checkpoint (tensors memory-mapped), or None for a readable file holding objects outside torch's
+        weights-only allowlist (Lightning decides what to do with it).
 
     Raises:
         Phi2TutorError: the file is damaged or is not a Lightning checkpoint.
@@ -307,7 +311,7 @@ def check_checkpoint(path: str | Path) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as error:
         if "Weights only load failed" in str(error):
-            return  # a readable file with objects outside torch's allowlist: Lightning decides what to do
+            return None  # a readable file with objects outside torch's allowlist: Lightning decides
         size = path.stat().st_size if path.exists() else 0
         # torch's text for an empty file talks about mmap and zip serialization: no help to the user.
         said = "" if size == 0 else f" (torch: {first_line(error).split('. ')[0].rstrip('.')})"
@@ -328,3 +332,4 @@ def check_checkpoint(path: str | Path) -> None:
             f"'pytorch-lightning_version'; found {keys}). Give --ckpt_path a .ckpt written by phi2tutor fit "
             "(lightning_logs/version_N/checkpoints/); for a saved adapter use --model.adapter_path instead."
         )
+    return checkpoint

@@ -527,6 +527,8 @@ class TutorModule(LightningModule):
         counts = CalculatorCounts() if use_calculator else None
         if use_calculator and self._equals_token_ids is None:
             self._equals_token_ids = equals_token_ids(self.tokenizer)
+        # The caller's processors apply to every batch; the calculator's is made per batch (its prompt width).
+        given_processors = list(generate_kwargs.pop("logits_processor", None) or [])
         tokenizer = self.tokenizer
         prompts = [format_prompt(self.hparams.prompt_template, q) for q in questions]
         # Similar lengths in a batch waste less compute on padding.
@@ -541,7 +543,7 @@ class TutorModule(LightningModule):
                 indices = order[start : start + batch_size]
                 encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True)
                 encoded = {k: v.to(self.device) for k, v in encoded.items()}
-                processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+                processors = LogitsProcessorList(given_processors)
                 if counts is not None:
                     processor = CalculatorLogitsProcessor(
                         tokenizer, encoded["input_ids"].shape[1], self._equals_token_ids

@@ -169,9 +169,14 @@ def resolve_fit_resume(fit: Any) -> None:
         checkpoint_path = Path(requested)
         if not checkpoint_path.is_file():
             raise Phi2TutorError(f"--ckpt_path {requested}: no such checkpoint file.")
-    import torch
+    from phi2tutor.loading import check_checkpoint
 
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    # A damaged or foreign file stops here with one message (LightningCLI checks it only after this).
+    checkpoint = check_checkpoint(checkpoint_path)
+    if checkpoint is None:  # objects outside torch's allowlist: torch's own error says which
+        import torch
+
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     location = run_location(checkpoint_path)
     permitted = check_resume_options(
         checkpoint_path,

@@ -108,12 +108,15 @@ def test_damaged_checkpoints_and_adapter(tmp_path: Path, capsys) -> None:
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{not json")
     config = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "run"))
-    for args, words in (
-        (["--ckpt_path", str(tmp_path / "empty.ckpt")], "is empty (0 bytes)"),
-        (["--ckpt_path", str(tmp_path / "foreign.ckpt")], "not a Lightning checkpoint"),
-        (["--model.adapter_path", str(tmp_path / "adapter")], "could not be read"),
+    for command, args, words in (
+        ("validate", ["--ckpt_path", str(tmp_path / "empty.ckpt")], "is empty (0 bytes)"),
+        ("validate", ["--ckpt_path", str(tmp_path / "foreign.ckpt")], "not a Lightning checkpoint"),
+        ("validate", ["--model.adapter_path", str(tmp_path / "adapter")], "could not be read"),
+        # fit reads the checkpoint first to resume (phi2tutor.resume): the same messages
+        ("fit", ["--ckpt_path", str(tmp_path / "empty.ckpt")], "is empty (0 bytes)"),
+        ("fit", ["--ckpt_path", str(tmp_path / "foreign.ckpt")], "not a Lightning checkpoint"),
     ):
-        code, err = run_cli(["validate", "--config", str(config), *args], capsys)
+        code, err = run_cli([command, "--config", str(config), *args], capsys)
         assert code == 2 and words in err, err
     assert files_under(tmp_path / "run") == []
 

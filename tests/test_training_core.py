@@ -190,3 +190,21 @@ def test_generate_returns_only_new_text_in_question_order() -> None:
     one_by_one = [module.generate([q], batch_size=1)[0] for q in questions]
     assert batched == one_by_one  # left padding does not change greedy answers
     assert all("Instruct:" not in answer for answer in batched)
+
+
+def test_generate_applies_the_callers_logits_processor_to_every_batch() -> None:
+    module = TutorModule(model_config=dict(TINY_PHI), lora_r=4, max_new_tokens=3)
+    module.configure_model()
+    rows_seen: list[int] = []
+
+    def record_rows(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(input_ids.shape[0])
+        return scores
+
+    module.generate(
+        ["Hi", "Ana has 3 apples.", "Tom buys 12 pens."],
+        batch_size=1,
+        logits_processor=[record_rows],
+        min_new_tokens=3,  # no early EOS: three new tokens in each batch
+    )
+    assert rows_seen == [1] * 9  # three batches of one row, three new tokens each
