@@ -265,6 +265,8 @@ class MathDataModule(LightningDataModule):
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.datasets: dict[str, TokenizedDataset] = {}
         self.truncated_examples = 0
+        # Per split: (prompt, answer + EOS) token lengths measured when the split was tokenized.
+        self.token_lengths: dict[str, tuple[list[int], list[int]]] = {}
         self.skipped: dict[str, dict[str, int]] = {}  # per split: rows skipped, by reason
         self._resume_at: tuple[int, int] | None = None  # (epoch, micro-batches done), from a checkpoint
 
@@ -403,12 +405,15 @@ class MathDataModule(LightningDataModule):
         return self.load_rows()[split]
 
     # ------------------------------------------------------------------ tokens
-    def setup(self, stage: str) -> None:
+    def _load_tokenizer(self) -> None:
         if self.tokenizer is None:
             from phi2tutor.loading import load_tokenizer
 
             # Without the CLI's link to the model's tokenizer, Phi-2's (loading.tokenizer_source decides).
             self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, PHI2_HUB_ID, None)
+
+    def setup(self, stage: str) -> None:
+        self._load_tokenizer()
         if stage == "predict":
             return
         rows = self.load_rows()
@@ -441,15 +446,13 @@ class MathDataModule(LightningDataModule):
         for split in SPLITS:
             if split == "test" and rows["test"] is rows["val"]:
                 continue  # no separate test source: the validation rows stand in, audited once
-            prompts = [format_prompt(hp.prompt_template, r["question"]) for r in rows[split]]
-            answers = [" " + r["answer"] for r in rows[split]]
-            prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-            answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
+            # The lengths fit's own tokenization measured (train, val); the others are tokenized here.
+            prompt_tokens, answer_tokens = self.token_lengths.get(split) or self._lengths(rows[split])
             splits[split] = SplitRows(
                 questions=[r["question"] for r in rows[split]],
                 answers=[r["answer"] for r in rows[split]],
-                prompt_tokens=[len(ids) for ids in prompt_ids],
-                answer_tokens=[len(ids) + 1 for ids in answer_ids],  # + EOS, learned like the answer
+                prompt_tokens=prompt_tokens,
+                answer_tokens=answer_tokens,
                 origin=self._origin(split) if hp.source != "synthetic" else origins["synthetic"],
                 skipped=self.skipped.get(split, {}),
                 annotations=[r["annotations"] for r in rows[split]],
@@ -469,23 +472,38 @@ class MathDataModule(LightningDataModule):
         """Write data_report.md/.json and the length histogram into output_dir; returns the .md path."""
         from phi2tutor.data_audit import DATA_REPORT_MD, write_data_report
 
-        if self.tokenizer is None:
-            self.setup("predict")  # loads the tokenizer only
+        self._load_tokenizer()
         write_data_report(
             self.audit_splits(),
             self.hparams.max_length,
             output_dir,
             language=language,
-            annotations_kept=self.hparams.keep_calculator_annotations,
+            annotations_kept=self.calculator_annotations,
         )
         return Path(output_dir) / DATA_REPORT_MD
+
+    def _encode(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids of each row's formatted prompt and of its answer (without EOS)."""
+        if not rows:
+            return [], []
+        prompts = [format_prompt(self.hparams.prompt_template, r["question"]) for r in rows]
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer([" " + r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
+        return prompt_ids, answer_ids
+
+    @staticmethod
+    def _measure(prompt_ids: list[list[int]], answer_ids: list[list[int]]) -> tuple[list[int], list[int]]:
+        # Answer lengths count the EOS token, learned like the answer.
+        return [len(ids) for ids in prompt_ids], [len(ids) + 1 for ids in answer_ids]
+
+    def _lengths(self, rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        return self._measure(*self._encode(rows))
 
     def _tokenize(self, rows: list[dict[str, Any]], split: str) -> TokenizedDataset:
         hp = self.hparams
         eos = self.tokenizer.eos_token_id
-        prompts = [format_prompt(hp.prompt_template, r["question"]) for r in rows]
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        answer_ids = self.tokenizer([" " + r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
+        prompt_ids, answer_ids = self._encode(rows)
+        self.token_lengths[split] = self._measure(prompt_ids, answer_ids)
         examples, truncated, too_long = [], 0, []
         for index, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
             if len(prompt) >= hp.max_length:
