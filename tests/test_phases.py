@@ -231,3 +231,12 @@ def test_noise_estimate_is_the_relative_scatter():
     noisy = list(2.0 * (1 + 0.05 * np.random.default_rng(0).standard_normal(2000)))
     assert relative_noise(noisy) == pytest.approx(0.05, rel=0.1)
     assert relative_noise([1.0, 0.5, 0.25, 0.125]) > 0  # curvature counts as scatter: the test gets stricter
+
+
+def test_a_short_fast_fall_is_a_fall_not_noise():
+    # The demo's 8 epoch means: in linear terms the curvature of this fall reads as 57% noise per point.
+    demo_epochs = [1.1669, 0.1079, 0.0204, 0.00807, 0.00401, 0.00344, 0.00336, 0.00335]
+    trend = describe_trend(demo_epochs)
+    assert trend.kind == "fell" and trend.standard_errors > 4.0
+    assert trend.change_pct == pytest.approx(100 * (1.1669 - 0.00335) / 1.1669)
+    assert describe_trend(demo_epochs[::-1]).kind == "rose"

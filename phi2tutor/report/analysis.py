@@ -205,9 +205,7 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
             "noise_pct": r2(100 * trend.noise),
             "change_pct": r2(trend.change_pct),
             "standard_error_pct": r2(trend.standard_error_pct),
-            "standard_errors": round(trend.change_pct / trend.standard_error_pct, 1)
-            if trend.change_pct is not None and trend.standard_error_pct
-            else None,
+            "standard_errors": round(trend.standard_errors, 1) if trend.standard_errors is not None else None,
         },
         "epoch_means": [{"epoch": e, "loss": loss_number(v)} for e, v in complete]
         if len(complete) >= 2

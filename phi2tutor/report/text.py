@@ -64,6 +64,7 @@ TEXT: dict[str, dict[str, str]] = {
         "phases": "Learning phases",
         "phases_given": "Phase boundaries given: last epochs {boundaries}.",
         "phases_online": "Boundaries found during training by PhaseDetection: {boundaries}.",
+        "phases_online_none": "PhaseDetection found no boundary during training.",
         "start_loss": "Start loss: {value}",
         "end_loss": "Loss at the end of the phase: {value}",
         "improvement": "Improvement within the phase: {value}% ((start - end) / start)",
@@ -202,6 +203,7 @@ TEXT: dict[str, dict[str, str]] = {
         "phases": "Fases del aprendizaje",
         "phases_given": "Límites de fase indicados: últimas épocas {boundaries}.",
         "phases_online": "Límites hallados durante el entrenamiento por PhaseDetection: {boundaries}.",
+        "phases_online_none": "PhaseDetection no halló ningún límite durante el entrenamiento.",
         "start_loss": "Pérdida inicial: {value}",
         "end_loss": "Pérdida al final de la fase: {value}",
         "improvement": "Mejora dentro de la fase: {value}% ((inicial - final) / inicial)",
@@ -316,8 +318,8 @@ TEXT["en"].update(
         "points": "points",
         "loss_reduction": "Observed change from the first logged loss: {pct}% to the last, {spct}% to the smoothed "
         "final loss (positive: it fell)",
-        "trend_fell": "The loss fell: the median of its first {n} {points} ({head}) is {change}% above the median "
-        "of its last {n} ({tail}), {z} times beyond its noise ({noise}% per point).",
+        "trend_fell": "The loss fell: the median of its last {n} {points} ({tail}) is {change}% below the median "
+        "of its first {n} ({head}), {z} standard errors beyond its noise ({noise}% per point).",
         "trend_rose": "The loss rose: the median of its last {n} {points} ({tail}) is above the median of its "
         "first {n} ({head}) by more than its noise allows.",
         "trend_flat": "No learning: the loss stayed at {tail} within its noise from start to end (first {n} "
@@ -438,8 +440,8 @@ TEXT["es"].update(
         "points": "puntos",
         "loss_reduction": "Cambio observado desde la primera pérdida registrada: {pct}% hasta la última, {spct}% "
         "hasta la pérdida final suavizada (positivo: bajó)",
-        "trend_fell": "La pérdida bajó: la mediana de sus primeros {n} {points} ({head}) está un {change}% por "
-        "encima de la de sus últimos {n} ({tail}), {z} veces más allá de su ruido ({noise}% por punto).",
+        "trend_fell": "La pérdida bajó: la mediana de sus últimos {n} {points} ({tail}) está un {change}% por "
+        "debajo de la de sus primeros {n} ({head}), {z} errores estándar más allá de su ruido ({noise}% por punto).",
         "trend_rose": "La pérdida subió: la mediana de sus últimos {n} {points} ({tail}) supera la de sus "
         "primeros {n} ({head}) más de lo que su ruido permite.",
         "trend_flat": "Sin aprendizaje: la pérdida se quedó en {tail} dentro de su ruido de principio a fin "
@@ -857,10 +859,10 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
         )
     else:
         lines.append(t["phases_given"].format(boundaries=", ".join(str(b) for b in p["boundaries"])))
-    if p["online_boundaries"] is not None:
-        lines.append(
-            t["phases_online"].format(boundaries=", ".join(str(b) for b in p["online_boundaries"]) or "-")
-        )
+    if p["online_boundaries"]:
+        lines.append(t["phases_online"].format(boundaries=", ".join(str(b) for b in p["online_boundaries"])))
+    elif p["online_boundaries"] is not None:
+        lines.append(t["phases_online_none"])
     lines.append("")
     span = {
         "start": f(p["start_loss"]),
