@@ -158,7 +158,17 @@ def build_cli_class():
                 from phi2tutor.loading import check_checkpoint
 
                 check_checkpoint(ckpt_path)
+            from phi2tutor import resume
+
+            subcommand = str(self.config.get("subcommand"))
+            given = resume.plain_options(config.get("model")) if ckpt_path and config else None
             super()._parse_ckpt_path()
+            if isinstance(given, dict) and self.config[subcommand].get("model") is not None:
+                from lightning.pytorch.utilities import rank_zero_info
+
+                model = self.config[subcommand]["model"]
+                for line in resume.reconcile_checkpoint_model_options(given, model, subcommand):
+                    rank_zero_info(f"phi2tutor | checkpoint options: {line}")
 
         def _remember_new_run_directory(self) -> None:
             logger = self.trainer.logger

@@ -16,8 +16,9 @@ from phi2tutor.errors import Phi2TutorError
 from phi2tutor.keys import CONFIG_YAML
 
 LAST_CHECKPOINT_GLOB = "last*.ckpt"
-# Options that do not change what is trained: they may differ on resume (the changes are printed).
-RESUMABLE_MODEL_OPTIONS = {"adapter_output_dir", "max_new_tokens"}
+# Options that do not change what is trained: they may differ on resume (the changes are printed), and
+# the given value wins over the checkpoint's in every subcommand (validate, test, predict included).
+RESUMABLE_MODEL_OPTIONS = {"adapter_output_dir", "max_new_tokens", "calculator"}
 RESUMABLE_DATA_OPTIONS = {"num_workers", "eval_batch_size", "test_path", "predict_path"}
 # Trainer options that change the optimization: a resumed run with other values is a different run.
 FIXED_TRAINER_OPTIONS = {
@@ -67,7 +68,7 @@ def option_differences(
     for key in sorted(set(saved) | set(given)):
         if key.startswith("_") or key not in given or key not in saved:
             continue
-        before, now = _plain(saved[key]), _plain(given[key])
+        before, now = plain_options(saved[key]), plain_options(given[key])
         if before == now:
             continue
         if isinstance(before, list) and isinstance(now, list) and key == "callbacks":
@@ -117,6 +118,32 @@ def check_resume_options(
     return permitted
 
 
+def reconcile_checkpoint_model_options(given: dict[str, Any], model: Any, subcommand: str) -> list[str]:
+    """After LightningCLI replaced the model options with a checkpoint's hyperparameters: put back the
+    given generation options (they do not change the weights) and describe every other option of the
+    command that the checkpoint overrode, one line each (nothing silently ignored).
+
+    ``given`` is the model section as parsed from the command, ``model`` the section after the
+    checkpoint was read (a jsonargparse Namespace, changed in place).
+    """
+    lines = []
+    for key in sorted(given):
+        if key.startswith("_") or key not in model:
+            continue
+        before, now = plain_options(given[key]), plain_options(model[key])
+        if before == now:
+            continue
+        if key in RESUMABLE_MODEL_OPTIONS:
+            model[key] = given[key]
+            lines.append(f"model.{key}: {before!r} as given (the checkpoint's run used {now!r})")
+        elif subcommand != "fit":
+            lines.append(
+                f"model.{key}: the checkpoint's {now!r} is used, not {before!r}: {subcommand} evaluates "
+                "the model the checkpoint holds"
+            )
+    return lines
+
+
 def saved_run_config(location: RunLocation | None) -> dict[str, Any] | None:
     """The config.yaml that LightningCLI wrote into the run directory at the start of fit, if any."""
     if location is None or not (location.directory / CONFIG_YAML).is_file():
@@ -126,7 +153,7 @@ def saved_run_config(location: RunLocation | None) -> dict[str, Any] | None:
     return yaml.safe_load((location.directory / CONFIG_YAML).read_text())
 
 
-def _plain(value: Any) -> Any:
+def plain_options(value: Any) -> Any:
     """A jsonargparse Namespace or a dataclass as the dict a checkpoint holds; numbers as floats when whole
     (YAML's 3 and the checkpoint's 3.0 are the same option)."""
     if hasattr(value, "as_dict"):
@@ -136,9 +163,9 @@ def _plain(value: Any) -> Any:
 
         value = asdict(value)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_options(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_options(v) for v in value]
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -181,9 +208,9 @@ def resolve_fit_resume(fit: Any) -> None:
     permitted = check_resume_options(
         checkpoint_path,
         checkpoint,
-        _plain(fit.get("model")) or {},
-        _plain(fit.get("data")) or {},
-        _plain(fit.get("trainer")) or {},
+        plain_options(fit.get("model")) or {},
+        plain_options(fit.get("data")) or {},
+        plain_options(fit.get("trainer")) or {},
         saved_run_config(location),
     )
     fit["ckpt_path"] = str(checkpoint_path)
