@@ -212,7 +212,8 @@ def test_doctor_on_a_gtx_1050_ti_with_a_cuda_12_8_torch() -> None:
     text = render(diagnose(facts, config))
     assert "no kernels for the NVIDIA GeForce GTX 1050 Ti (sm_61)" in text
     assert (
-        "fix: pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu126" in text
+        "fix: pip install --force-reinstall torch==2.8.0 --index-url https://download.pytorch.org/whl/cu126"
+        in text
     )
     assert (
         "c.yaml asks for bf16" in text and "compute_dtype: float16 with trainer.precision: 16-mixed" in text
@@ -231,6 +232,11 @@ def test_doctor_on_an_ampere_card_that_is_short_of_memory_and_on_the_cpu() -> No
     assert "does not fit" in render(findings) and "bf16 is supported" in render(findings)
     cpu = diagnose(MachineFacts(torch_version="2.13.0+cpu", torch_cuda=None, bnb_version="0.50"))
     assert cpu[0].level == "note" and "No CUDA device" in cpu[0].message and "the demo" in cpu[0].message
+    assert cpu[0].fix == (
+        "on a machine with an NVIDIA GPU: pip install --force-reinstall torch==2.13.0 --index-url "
+        "https://download.pytorch.org/whl/cu128 (GTX 10xx: pip install --force-reinstall torch==2.13.0 "
+        "--index-url https://download.pytorch.org/whl/cu126)"
+    )
 
 
 def test_doctor_reads_the_config_as_fit_and_plan_do() -> None:
