@@ -116,14 +116,23 @@ def build_cli_class():
 
         def parse_arguments(self, parser, args) -> None:
             super().parse_arguments(parser, args)
-            if self.config.get("subcommand") == "fit":
-                # Before LightningCLI reads the checkpoint's hyperparameters over the given model options.
+            # Before a checkpoint is looked for: `--ckpt_path last` searches the run directory it writes to.
+            self._follow_default_root_dir()
+            subcommand = self.config.get("subcommand")
+            # Before LightningCLI reads the checkpoint's hyperparameters over the given model options.
+            if subcommand == "fit":
                 from phi2tutor.resume import resolve_fit_resume
 
                 resolve_fit_resume(self.config["fit"])
+            elif subcommand is not None:
+                from phi2tutor.resume import resolve_checkpoint_path
 
-        def before_instantiate_classes(self) -> None:
-            config = self.config.get(str(self.subcommand), self.config)
+                resolve_checkpoint_path(self.config[subcommand], subcommand)
+
+        def _follow_default_root_dir(self) -> None:
+            """The logger's save_dir follows trainer.default_root_dir unless it is set itself."""
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(str(subcommand), self.config) if subcommand else self.config
             trainer = config.get("trainer")
             logger = trainer.get("logger") if trainer is not None else None
             init_args = getattr(logger, "init_args", None)

@@ -171,31 +171,52 @@ def plain_options(value: Any) -> Any:
     return value
 
 
+def resolve_checkpoint_path(section: Any, subcommand: str) -> Path | None:
+    """The checkpoint file that ``--ckpt_path`` names (``last``: the newest last.ckpt of the configured
+    run), or None when none is given or Lightning resolves it (``best``, ``hpc``, ``registry``).
+
+    ``section`` is LightningCLI's parsed section of the subcommand; its ckpt_path is set to the file.
+    """
+    requested = section.get("ckpt_path")
+    if not requested or requested in ("hpc", "best", "registry"):
+        return None
+    if requested == "last":
+        search_dirs = _checkpoint_dirs(section, _tensorboard_init_args(section.get("trainer.logger")))
+        checkpoint_path = find_last_checkpoint(search_dirs)
+        if checkpoint_path is None:
+            looked = ", ".join(str(d) for d in search_dirs) or "(no checkpoint directory is configured)"
+            start = (
+                "leave out --ckpt_path to start a new run"
+                if subcommand == "fit"
+                else ("leave out --ckpt_path to evaluate model.adapter_path or the untrained model")
+            )
+            raise Phi2TutorError(
+                f"--ckpt_path last: no last.ckpt in {looked}. Give the checkpoint's path "
+                f"(lightning_logs/version_N/checkpoints/last.ckpt), or {start}; "
+                "a run only writes last.ckpt with a ModelCheckpoint(save_last=true) callback."
+            )
+    else:
+        checkpoint_path = Path(requested)
+        if not checkpoint_path.is_file():
+            raise Phi2TutorError(
+                f"--ckpt_path {requested}: no such checkpoint file. Give the path of a .ckpt a run wrote "
+                "(lightning_logs/version_N/checkpoints/), or `last` for the newest last.ckpt of this config's runs."
+            )
+    section["ckpt_path"] = str(checkpoint_path)
+    return checkpoint_path
+
+
 def resolve_fit_resume(fit: Any) -> None:
     """Before the Trainer is built: turn ``fit.ckpt_path`` (``last`` or a path) into the checkpoint file,
     point the logger at the run directory it continues, and check the options against the checkpoint's.
 
     ``fit`` is LightningCLI's parsed ``fit`` section (a jsonargparse Namespace), changed in place.
     """
-    requested = fit.get("ckpt_path")
-    if not requested or requested in ("hpc", "best", "registry"):
+    checkpoint_path = resolve_checkpoint_path(fit, "fit")
+    if checkpoint_path is None:
         return
     logger = fit.get("trainer.logger")
     logger_args = _tensorboard_init_args(logger)
-    if requested == "last":
-        search_dirs = _checkpoint_dirs(fit, logger_args)
-        checkpoint_path = find_last_checkpoint(search_dirs)
-        if checkpoint_path is None:
-            looked = ", ".join(str(d) for d in search_dirs) or "(no checkpoint directory is configured)"
-            raise Phi2TutorError(
-                f"--ckpt_path last: no last.ckpt to resume from in {looked}. Give the checkpoint's path "
-                "(lightning_logs/version_N/checkpoints/last.ckpt), or leave out --ckpt_path to start a new run; "
-                "a run only writes last.ckpt with a ModelCheckpoint(save_last=true) callback."
-            )
-    else:
-        checkpoint_path = Path(requested)
-        if not checkpoint_path.is_file():
-            raise Phi2TutorError(f"--ckpt_path {requested}: no such checkpoint file.")
     from phi2tutor.loading import check_checkpoint
 
     # A damaged or foreign file stops here with one message (LightningCLI checks it only after this).
@@ -213,7 +234,6 @@ def resolve_fit_resume(fit: Any) -> None:
         plain_options(fit.get("trainer")) or {},
         saved_run_config(location),
     )
-    fit["ckpt_path"] = str(checkpoint_path)
     from lightning.pytorch.utilities import rank_zero_info
 
     where = "a new run directory"

@@ -72,6 +72,10 @@ def files_under(path: Path) -> list[str]:
             "no directory exists",
         ),
         (
+            {"args": ["--model.model_name_or_path", "./my-model"]},
+            "model.model_name_or_path='./my-model' would not be loaded: give one of the two",
+        ),
+        (
             {"args": ["--trainer.logger.init_args.save_dir", "/sys/phi2tutor-test"]},
             "Cannot write /sys/phi2tutor-test",
         ),
@@ -115,6 +119,12 @@ def test_damaged_checkpoints_and_adapter(tmp_path: Path, capsys) -> None:
         # fit reads the checkpoint first to resume (phi2tutor.resume): the same messages
         ("fit", ["--ckpt_path", str(tmp_path / "empty.ckpt")], "is empty (0 bytes)"),
         ("fit", ["--ckpt_path", str(tmp_path / "foreign.ckpt")], "not a Lightning checkpoint"),
+        (
+            "validate",
+            ["--ckpt_path", str(tmp_path / "missing.ckpt")],
+            "missing.ckpt: no such checkpoint file",
+        ),
+        ("test", ["--ckpt_path", "last"], "--ckpt_path last: no last.ckpt in"),
     ):
         code, err = run_cli([command, "--config", str(config), *args], capsys)
         assert code == 2 and words in err, err
@@ -156,10 +166,15 @@ def test_no_traceback_reaches_stderr_of_the_real_command(
     assert "Namespace(" not in result.stderr
 
 
-def test_default_root_dir_and_logger_false_through_the_cli(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_default_root_dir_and_logger_false_through_the_cli(
+    tmp_path: Path, capsys, monkeypatch, lightning_messages
+) -> None:
     monkeypatch.chdir(tmp_path)
     config = tiny_config(tmp_path, trainer={"max_epochs": 1})
     del config["trainer"]["logger"], config["trainer"]["default_root_dir"]
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+    ]
     path = write_yaml(tmp_path / "c.yaml", config)
     assert run_cli(["fit", "--config", str(path), "--trainer.default_root_dir", "out"], capsys)[0] == 0
     run_dir = tmp_path / "out" / "lightning_logs" / "version_0"
@@ -167,6 +182,15 @@ def test_default_root_dir_and_logger_false_through_the_cli(tmp_path: Path, capsy
         run_dir / "config.yaml"
     ).is_file()
     assert not (tmp_path / "lightning_logs").exists()
+    # `last` is looked for where the run wrote it: under default_root_dir.
+    code, _ = run_cli(
+        ["validate", "--config", str(path), "--trainer.default_root_dir", "out", "--ckpt_path", "last"],
+        capsys,
+    )
+    assert code == 0
+    assert "weights from the checkpoint at out/lightning_logs/version_0/checkpoints/last.ckpt" in (
+        lightning_messages.text
+    )
     assert run_cli(["fit", "--config", str(path), "--trainer.logger", "false"], capsys)[0] == 0
     assert not (tmp_path / "config.yaml").exists()  # no run directory: nothing dropped into the cwd
 
