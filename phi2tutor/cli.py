@@ -350,12 +350,21 @@ def user_error(error: BaseException) -> BaseException | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, Phi2TutorError):
+        if isinstance(current, Phi2TutorError) or _is_lightning_misconfiguration(current):
             return current
         if filesystem_error is None and isinstance(current, OSError) and current.errno in _REFUSALS:
             filesystem_error = current
         pending += [current.__cause__, current.__context__]
     return filesystem_error
+
+
+def _is_lightning_misconfiguration(error: BaseException) -> bool:
+    """Lightning's MisconfigurationException: a Trainer option it rejects (checked by name, so that the
+    text-only commands do not import Lightning to classify an error)."""
+    return any(
+        cls.__name__ == "MisconfigurationException" and cls.__module__.startswith("lightning")
+        for cls in type(error).__mro__
+    )
 
 
 _REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
@@ -379,6 +388,16 @@ def describe(error: BaseException) -> str:
             "logger's save_dir, a ModelCheckpoint's dirpath, model.adapter_output_dir): make that directory "
             "writable, or point the option at one you can write to. Files saved before this are intact."
         )
+    if _is_lightning_misconfiguration(error):
+        message = str(error).strip()
+        if "gpu" in message.lower() or "cuda" in message.lower():
+            advice = (
+                "This machine offers no usable GPU to this torch build: run `phi2tutor doctor` to see why, or "
+                "set trainer.accelerator to cpu (or auto)."
+            )
+        else:
+            advice = "Fix that trainer option (`phi2tutor fit --help` lists them)."
+        return f"Lightning rejects the trainer configuration: {message} {advice}"
     return str(error)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from phi2tutor.cli import main
 from phi2tutor.doctor import ConfigFacts, GpuFacts, MachineFacts, diagnose, render
@@ -72,6 +73,15 @@ def files_under(path: Path) -> list[str]:
             "no directory exists",
         ),
         (
+            {"args": ["--trainer.max_epochs", "-3"]},
+            "Lightning rejects the trainer configuration: `max_epochs` must be a non-negative integer",
+        ),
+        pytest.param(
+            {"args": ["--trainer.accelerator", "gpu"]},
+            "no usable GPU to this torch build: run `phi2tutor doctor`",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+        (
             {"args": ["--model.model_name_or_path", "./my-model"]},
             "model.model_name_or_path='./my-model' would not be loaded: give one of the two",
         ),
@@ -105,7 +115,6 @@ def test_bad_input_is_one_paragraph_exit_2_nothing_left(
 
 
 def test_damaged_checkpoints_and_adapter(tmp_path: Path, capsys) -> None:
-    import torch
 
     (tmp_path / "empty.ckpt").write_bytes(b"")
     torch.save({"a": 1}, tmp_path / "foreign.ckpt")
