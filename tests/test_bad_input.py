@@ -115,7 +115,6 @@ def test_bad_input_is_one_paragraph_exit_2_nothing_left(
 
 
 def test_damaged_checkpoints_and_adapter(tmp_path: Path, capsys) -> None:
-
     (tmp_path / "empty.ckpt").write_bytes(b"")
     torch.save({"a": 1}, tmp_path / "foreign.ckpt")
     (tmp_path / "adapter").mkdir()
