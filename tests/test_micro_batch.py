@@ -295,4 +295,5 @@ def test_first_step_check_on_a_cuda_device(tmp_path: Path) -> None:
     assert 0 < first_step["measured_peak_allocated_mb"] < BUDGET_MB
     assert (data.hparams.batch_size, trainer.accumulate_grad_batches) == (2, 4)
     for name, weight in plain_lora.items():
-        torch.testing.assert_close(lora[name], weight, msg=name)
+        # CUDA's attention backward may sum in another order from run to run: equal up to rounding.
+        torch.testing.assert_close(lora[name], weight, rtol=1e-3, atol=1e-5, msg=name)
