@@ -73,12 +73,14 @@ def build_cli_class():
     from lightning.pytorch.utilities import rank_zero_info
 
     from callbacks.dashboard import TensorBoardDashboard
+    from callbacks.micro_batch import AutoMicroBatch
     from callbacks.predictions import PredictionWriter
 
     class SaveFitConfig(SaveConfigCallback):
         """Saves the config of a training run into its run directory; evaluation commands write nothing,
         and neither does a run without a logger (it has no run directory: config.yaml would land in the
-        working directory)."""
+        working directory). What the run resolved is written as resolved: ``data.batch_size: auto`` as the
+        micro-batch, the effective batch and the accumulation it trains with (AutoMicroBatch)."""
 
         def setup(self, trainer, pl_module, stage: str) -> None:
             if stage != "fit":
@@ -88,7 +90,27 @@ def build_cli_class():
                     "phi2tutor | no logger (trainer.logger false): no run directory, config.yaml not saved"
                 )
                 return
+            self._take_resolved(trainer)
             super().setup(trainer, pl_module, stage)
+
+        def _take_resolved(self, trainer) -> None:
+            data = getattr(trainer.datamodule, "hparams", {})
+            for key in ("batch_size", "effective_batch_size"):
+                if key in data and self.config.get(f"data.{key}", data[key]) != data[key]:
+                    self.config[f"data.{key}"] = data[key]
+            if self.config.get("trainer.accumulate_grad_batches") != trainer.accumulate_grad_batches:
+                self.config["trainer.accumulate_grad_batches"] = trainer.accumulate_grad_batches
+
+        def save_resolved_config(self, trainer) -> None:
+            """Write config.yaml again after the numbers changed during fit (AutoMicroBatch's back-off)."""
+            if not self.already_saved:
+                return
+            self._take_resolved(trainer)
+            path = Path(trainer.log_dir) / self.config_filename  # every process asks: a broadcast under DDP
+            if trainer.is_global_zero:
+                self.parser.save(
+                    self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile
+                )
 
     class TutorCLI(LightningCLI):
         """LightningCLI with the data and model options that must agree linked together, and Lightning's own
@@ -152,6 +174,9 @@ def build_cli_class():
                 added.append(TensorBoardDashboard())
             if not any(isinstance(callback, BasePredictionWriter) for callback in configured):
                 added.append(PredictionWriter())
+            if not any(isinstance(callback, AutoMicroBatch) for callback in configured):
+                # data.batch_size: auto and data.effective_batch_size (it does nothing without them).
+                added.append(AutoMicroBatch())
             return super().instantiate_trainer(callbacks=[*configured, *added], **kwargs)
 
         def _parse_ckpt_path(self) -> None:
@@ -222,16 +247,18 @@ def run_lightning_cli(args: list[str] | None) -> None:
 
 def _remove_unstarted_run(run_directory: Path | None) -> None:
     """Remove the version_N/ that a failed command created before it logged anything: it holds no more than
-    an empty event file and the config, and a user would have to clean it up by hand. A directory with a
-    checkpoint, or one that existed before the run (a resumed run), is never touched."""
+    an empty event file, the config and the data audit fit writes at setup (``phi2tutor data`` writes it
+    again), and a user would have to clean it up by hand. A directory with a checkpoint, or one that existed
+    before the run (a resumed run), is never touched."""
     if run_directory is None or not run_directory.is_dir():
         return
+    from phi2tutor.data_audit import DATA_REPORT_JSON, DATA_REPORT_MD, LENGTHS_PNG
     from phi2tutor.keys import CONFIG_YAML
 
+    rewritten = (CONFIG_YAML, "hparams.yaml", DATA_REPORT_MD, DATA_REPORT_JSON, LENGTHS_PNG)
     leftovers = [path for path in run_directory.rglob("*") if path.is_file()]
     disposable = all(
-        path.name.startswith("events.out.tfevents.") or path.name in (CONFIG_YAML, "hparams.yaml")
-        for path in leftovers
+        path.name.startswith("events.out.tfevents.") or path.name in rewritten for path in leftovers
     )
     if disposable and not _has_results(run_directory):
         shutil.rmtree(run_directory, ignore_errors=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from phi2tutor.errors import Phi2TutorError
-from phi2tutor.keys import CONFIG_YAML
+from phi2tutor.keys import AUTO_MICRO_BATCH_STATE_KEY, CONFIG_YAML
+from phi2tutor.memory.planner import AUTO_BATCH
 
 LAST_CHECKPOINT_GLOB = "last*.ckpt"
 # Options that do not change what is trained: they may differ on resume (the changes are printed), and
@@ -86,16 +87,17 @@ def check_resume_options(
     data: dict[str, Any],
     trainer: dict[str, Any],
     saved_config: dict[str, Any] | None,
+    forbidden_before: list[str] | None = None,
 ) -> list[str]:
     """Stop when the command's options would train another model than the checkpoint's run; return the
-    permitted changes (to print)."""
+    permitted changes (to print). ``forbidden_before``: differences found before (resume_auto_micro_batch)."""
     forbidden, permitted = option_differences(
         checkpoint.get("hyper_parameters", {}), model, "model", RESUMABLE_MODEL_OPTIONS
     )
     data_forbidden, data_permitted = option_differences(
         checkpoint.get("datamodule_hyper_parameters", {}), data, "data", RESUMABLE_DATA_OPTIONS
     )
-    forbidden += data_forbidden
+    forbidden = [*(forbidden_before or []), *forbidden, *data_forbidden]
     permitted += data_permitted
     if saved_config is not None:
         saved_trainer = {k: v for k, v in (saved_config.get("trainer") or {}).items() if k != "logger"}
@@ -142,6 +144,56 @@ def reconcile_checkpoint_model_options(given: dict[str, Any], model: Any, subcom
                 "the model the checkpoint holds"
             )
     return lines
+
+
+def resume_auto_micro_batch(fit: Any, checkpoint: dict[str, Any]) -> tuple[list[str], str | None]:
+    """``data.batch_size: auto`` on resume means the numbers the run resolved when it started (and after a
+    first-step back-off): its micro-batch and effective batch (the checkpoint's data hyperparameters) and its
+    accumulation (AutoMicroBatch's record). They replace auto in ``fit`` before the options are compared, so
+    a resumed run trains as the interrupted one did. The options auto was resolved from (the effective batch,
+    or the accumulation when none was given) must be the same: (forbidden differences, line to print)."""
+    data = fit.get("data")
+    if data is None or data.get("batch_size") != AUTO_BATCH:
+        return [], None
+    saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+    record = (checkpoint.get("callbacks") or {}).get(AUTO_MICRO_BATCH_STATE_KEY, {}).get("record") or {}
+    micro_batch = saved_data.get("batch_size")
+    if not isinstance(micro_batch, int) or not record.get("configured"):
+        raise Phi2TutorError(
+            "data.batch_size auto on resume takes the micro-batch and accumulation the run resolved, but this "
+            "checkpoint does not record them (a run of an older phi2tutor): give --data.batch_size and "
+            "--trainer.accumulate_grad_batches as the run trained (its config.yaml)."
+        )
+    configured = record["configured"]
+    forbidden = []
+    given = {
+        "data.effective_batch_size": data.get("effective_batch_size"),
+        "trainer.accumulate_grad_batches": fit.get("trainer.accumulate_grad_batches"),
+    }
+    resolved_from = {
+        "data.effective_batch_size": configured.get("effective_batch_size"),
+        "trainer.accumulate_grad_batches": configured.get("accumulate_grad_batches"),
+    }
+    if resolved_from["data.effective_batch_size"] is not None:
+        del given["trainer.accumulate_grad_batches"]  # replaced by the effective batch's, not an input
+    for option, value in given.items():
+        if plain_options(value) != plain_options(resolved_from[option]):
+            forbidden.append(
+                f"{option}: auto was resolved from {resolved_from[option]!r} in the checkpoint's run, {value!r} now"
+            )
+    effective = saved_data.get("effective_batch_size")
+    replicas = (record.get("choice") or {}).get("replicas") or 1
+    accumulation = (
+        effective // (micro_batch * replicas) if effective else fit.get("trainer.accumulate_grad_batches")
+    )
+    data["batch_size"] = micro_batch
+    data["effective_batch_size"] = effective
+    fit["trainer.accumulate_grad_batches"] = accumulation
+    line = (
+        f"data.batch_size auto: the run's micro-batch {micro_batch} x accumulation {accumulation} (effective "
+        f"batch {effective}), as it resolved when it started"
+    )
+    return forbidden, line
 
 
 def saved_run_config(location: RunLocation | None) -> dict[str, Any] | None:
@@ -226,6 +278,7 @@ def resolve_fit_resume(fit: Any) -> None:
 
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     location = run_location(checkpoint_path)
+    auto_forbidden, auto_line = resume_auto_micro_batch(fit, checkpoint)
     permitted = check_resume_options(
         checkpoint_path,
         checkpoint,
@@ -233,6 +286,7 @@ def resolve_fit_resume(fit: Any) -> None:
         plain_options(fit.get("data")) or {},
         plain_options(fit.get("trainer")) or {},
         saved_run_config(location),
+        auto_forbidden,
     )
     from lightning.pytorch.utilities import rank_zero_info
 
@@ -249,6 +303,8 @@ def resolve_fit_resume(fit: Any) -> None:
         f"phi2tutor | resuming from {checkpoint_path} (epoch {checkpoint['epoch'] + 1}, step "
         f"{checkpoint['global_step']}) into {where}"
     )
+    if auto_line:
+        rank_zero_info(f"phi2tutor | {auto_line}")
     for line in permitted:
         rank_zero_info(f"phi2tutor | changed on resume: {line}")
 

@@ -37,6 +37,19 @@ def files_under(path: Path) -> list[str]:
     ("override", "words"),
     [
         ({"args": ["--data.batch_size", "-1"]}, "data.batch_size=-1 is invalid"),
+        (
+            {"args": ["--data.batch_size", "autox"]},
+            "data.batch_size='autox' is invalid: it must be a positive integer, or auto",
+        ),
+        (
+            {"args": ["--data.batch_size", "0"]},
+            "data.batch_size=0 is invalid: it must be a positive integer, or auto",
+        ),
+        (
+            # Found when the Trainer is there (devices x nodes): after the data audit, which is removed too.
+            {"args": ["--data.batch_size", "3", "--data.effective_batch_size", "8"]},
+            "The effective batch 8 (data.effective_batch_size) is not a multiple of micro-batch 3 x 1 device(s)",
+        ),
         ({"args": ["--model.lora_r", "0"]}, "model.lora_r=0 is invalid"),
         (
             {"callbacks": [{"class_path": "callbacks.phases.PhaseDetection", "init_args": {"window": 0}}]},
@@ -146,6 +159,12 @@ def test_damaged_checkpoints_and_adapter(tmp_path: Path, capsys) -> None:
             ["--model.lora_r", "0"],
             "phi2tutor: error: model.lora_r=0 is invalid: it must be a positive integer (the LoRA rank, e.g. 8 "
             "or 16). Fix the option.",
+        ),
+        (
+            # A value of the wrong type: one paragraph, not jsonargparse's usage dump.
+            ["--data.batch_size", "autox"],
+            "phi2tutor: error: data.batch_size='autox' is invalid: it must be a positive integer, or auto (the "
+            "largest micro-batch the memory planner fits in the budget). Fix the option.",
         ),
         (
             # jsonargparse wraps a callback's constructor error in a Union ValueError with a Namespace dump.
