@@ -25,13 +25,37 @@ def strict_json(path: Path):
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
+def early_stopping_state(state: dict) -> tuple[int, int] | None:
+    """(patience, patience counter) of the state's EarlyStoppingCallback, or None without one."""
+    stopping = (state.get("stateful_callbacks") or {}).get("EarlyStoppingCallback")
+    if not stopping:
+        return None
+    patience = stopping["args"]["early_stopping_patience"]
+    return patience, stopping["attributes"]["early_stopping_patience_counter"]
+
+
 def expected_stop(state: dict) -> str:
     control = ((state.get("stateful_callbacks") or {}).get("TrainerControl") or {}).get("args") or {}
     if state["global_step"] >= state["max_steps"]:
         return "max_steps"
     if control.get("should_training_stop") is False:
         return "checkpoint"
+    stopping = early_stopping_state(state)
+    if stopping and stopping[1] >= stopping[0]:
+        return "early_stopping"
     return "ended_before_max_steps" if "stateful_callbacks" not in state else "stopped"
+
+
+def expected_best_metric(state: dict) -> str | None:
+    """The eval metric whose value at best_global_step is best_metric: the one early stopping watched."""
+    names = {
+        key
+        for entry in state["log_history"]
+        if entry.get("step") == state.get("best_global_step")
+        for key, value in entry.items()
+        if key.startswith("eval_") and value == state.get("best_metric")
+    }
+    return names.pop() if len(names) == 1 else None
 
 
 def expected_overfitting(state: dict) -> bool:
@@ -76,16 +100,29 @@ def test_report_states_the_files_own_facts(path: Path, tmp_path: Path) -> None:
     if first:
         assert loss["reduction_pct"] == pytest.approx(100 * (first - last) / first, abs=0.01)
     assert report["stop"]["reason"] == expected_stop(state)
-    assert report["coverage"]["partial"] == (expected_stop(state) != "max_steps")
+    # The state of a run still going (or that may be) covers it up to its step; a finished or stopped run whole.
+    assert report["coverage"]["partial"] == (expected_stop(state) in ("checkpoint", "ended_before_max_steps"))
+    if expected_stop(state) == "early_stopping":
+        patience, counter = early_stopping_state(state)
+        stop = report["stop"]
+        assert (stop["patience"], stop["patience_counter"]) == (patience, counter)
+        assert stop["metric"] == expected_best_metric(state) is not None
+        assert stop["best_step"] == state["best_global_step"]
+        assert stop["best_metric"] == pytest.approx(state["best_metric"], rel=1e-3)
+        assert round(stop["epoch"], 2) == round(state["epoch"], 2)
     val = (report["validation"] or {}).get("val_loss") or {}
     assert bool(val.get("overfitting")) == expected_overfitting(state)
     phases = report["phases"]
     if len(losses) < WINDOW:
         assert phases["verdict"] != "phases" and phases["phases"] == []
     if phases["verdict"] == "phases":
+        # Phases of learning only where the loss fell: the median of the last tenth is below the first
+        # logged loss or the median of the first tenth.
         head = sorted(e["loss"] for e in losses[: len(losses) // 10])
         tail = sorted(e["loss"] for e in losses[-(len(losses) // 10) :])
-        assert tail[len(tail) // 2] < head[len(head) // 2]  # phases of learning only where the loss fell
+        assert tail[len(tail) // 2] < max(losses[0]["loss"], head[len(head) // 2])
+    if loss["trend"]["kind"] == "flat":  # "no learning": the first logged loss is not far above the end
+        assert losses[0]["loss"] < 2 * loss["trend"]["tail"]
     for phase in phases["phases"]:
         share = phase["share_of_total_reduction_pct"]
         assert share is None or 0 <= share <= 100
@@ -107,6 +144,25 @@ def test_flat_loss_at_chance_is_no_learning_not_phases(tmp_path: Path) -> None:
     assert report["phases"]["verdict"] == "flat" and report["phases"]["phases"] == []
     assert [r["kind"] for r in report["recommendations"]] == ["no_learning"]
     assert "No learning: the loss stayed at" in (tmp_path / "report.md").read_text()
+
+
+def test_early_stopped_run_names_its_patience_metric_and_the_rise_of_eval_loss(tmp_path: Path) -> None:
+    state = json.loads((CORPUS / "early_stopped_whisper_wer.json").read_text())
+    evals = [(e["step"], e["eval_loss"]) for e in state["log_history"] if "eval_loss" in e]
+    best_step, best = min(evals, key=lambda item: item[1])
+    report = write_report(CORPUS / "early_stopped_whisper_wer.json", tmp_path, draw_figures=False)
+    markdown = (tmp_path / "report.md").read_text()
+    assert (
+        "EarlyStoppingCallback stopped it at step 1500 (epoch 1.36): 5 evaluations without improvement of "
+        "eval_wer (the metric for best model: best 17.71 at step 250), its patience 5." in markdown
+    )
+    val = report["validation"]["val_loss"]
+    assert (val["best_step"], val["best"]) == (best_step, round(best, 4))
+    assert val["rising"]["rise_pct"] == pytest.approx(100 * (evals[-1][1] - best) / best, abs=0.01)
+    assert "Train for longer" not in markdown and "eval_loss rose after step 250" in markdown
+    # The loss fell within the first tenth (0.83 to 0.12 in 5 points), then stayed: a fall, not "no learning".
+    assert report["loss"]["trend"]["kind"] == "fell" and report["loss"]["trend"]["from_first"]
+    assert "No learning" not in markdown
 
 
 def test_mid_run_checkpoint_is_named_and_the_report_covers_it_up_to_its_step(tmp_path: Path) -> None:

@@ -199,6 +199,9 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
         "mean": loss_number(statistics.fmean(p.value for p in finite)) if finite else None,
         "trend": {
             "kind": trend.kind,
+            # The change was measured from the first logged loss, the head median being within the noise.
+            "from_first": trend.from_first,
+            "first": loss_number(trend.first),
             "head": loss_number(trend.head),
             "tail": loss_number(trend.tail),
             "edge_points": trend.edge_points,
@@ -206,6 +209,10 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
             "change_pct": r2(trend.change_pct),
             "standard_error_pct": r2(trend.standard_error_pct),
             "standard_errors": round(trend.standard_errors, 1) if trend.standard_errors is not None else None,
+            # Its size, for sentences that already say the direction.
+            "standard_errors_abs": abs(round(trend.standard_errors, 1))
+            if trend.standard_errors is not None
+            else None,
         },
         "epoch_means": [{"epoch": e, "loss": loss_number(v)} for e, v in complete]
         if len(complete) >= 2
@@ -252,7 +259,12 @@ def stop_section(records: RunRecords) -> dict[str, Any]:
     """Why the run stopped: run.json's reason (phi2tutor) or the state's (Trainer, records.py)."""
     stop = records.run_info.get("stop")
     if isinstance(stop, dict) and stop.get("reason"):
-        return {key: plain(value) if isinstance(value, float) else value for key, value in stop.items()}
+        # Stated as the report states numbers: an epoch to 2 decimals, a metric to 4 significant digits.
+        rounding = {"epoch": lambda v: round(v, 2), "best_metric": sig4}
+        return {
+            key: plain(rounding.get(key, lambda v: v)(value)) if isinstance(value, float) else value
+            for key, value in stop.items()
+        }
     max_epochs = config_value(records.config, "trainer", "max_epochs")
     if is_number(max_epochs) and (records.epochs_run or 0) >= max_epochs:
         return {"reason": "max_epochs", "epoch": max_epochs}
@@ -329,6 +341,12 @@ def phases_section(
                     "share_of_total_reduction_pct": r2(share)
                     if total > 0 and math.isfinite(share) and 0.0 <= share <= 100.0
                     else None,
+                    # A detected last phase with fewer points than the window has begun, but the run ended
+                    # before it could be described (its numbers are two or three noisy points).
+                    "just_begun": method == "detected"
+                    and phase.index == len(analysis.phases) - 1
+                    and phase.index > 0
+                    and count < options["window"],
                 }
             )
     next_phase = (
@@ -525,7 +543,31 @@ def validation_section(records: RunRecords, settings: ReportSettings, notes: lis
                 "lowest_step": lowest.step,
             }
         )
+    result["metric_groups"] = metric_groups([m["name"] for m in result["other_metrics"]])
     return result
+
+
+def metric_groups(names: Sequence[str], min_groups: int = 3) -> dict[str, Any] | None:
+    """Per-class metrics among ``names``: ``eval_<group>_<measure>`` where at least ``min_groups`` groups
+    log the same set of measures (a token classifier's eval_T005_f1, eval_T005_precision, ...). The report
+    shows them as one row per group instead of one row per metric; None when there are none."""
+    measures_of: dict[str, set[str]] = {}
+    for name in names:
+        rest = name.removeprefix("eval_")
+        if "_" in rest:
+            group, measure = rest.rsplit("_", 1)
+            measures_of.setdefault(group, set()).add(measure)
+    counts: dict[frozenset[str], int] = {}
+    for measures in measures_of.values():
+        if len(measures) >= 2:
+            counts[frozenset(measures)] = counts.get(frozenset(measures), 0) + 1
+    if not counts:
+        return None
+    shared, count = max(counts.items(), key=lambda item: (item[1], len(item[0])))
+    if count < min_groups:
+        return None
+    groups = sorted(group for group, measures in measures_of.items() if measures == shared)
+    return {"prefix": "eval_", "group_count": len(groups), "groups": groups, "measures": sorted(shared)}
 
 
 def val_loss_summary(records: RunRecords, settings: ReportSettings) -> dict[str, Any]:
@@ -809,7 +851,7 @@ def _late_trend(records: RunRecords) -> dict[str, Any] | None:
     if half < 5:
         return None
     trend = describe_trend(values[half:])
-    if trend.kind != "fell":
+    if trend.kind != "fell" or trend.from_first:  # a fall at the start of the half is not "still falling"
         return None
     count = trend.edge_points
     return {

@@ -44,6 +44,7 @@ TEXT: dict[str, dict[str, str]] = {
         "seconds": "{n} seconds",
         "second": "{n} second",
         "duration_value": "{parts} ({minutes} minutes)",
+        "duration_value_one": "{parts} ({minutes} minute)",
         "gpu": "{name}, {memory} MB, {sms} multiprocessors",
         "cuda_cores": " ({cores} CUDA cores)",
         "cpu": "CPU: {name}, {cores} cores",
@@ -99,6 +100,7 @@ TEXT: dict[str, dict[str, str]] = {
         "acc_last": "Last: {value}% at epoch {epoch}",
         "acc_trend_rising": "Trend: still rising at the end ({previous}% before, {last}% last)",
         "acc_trend_flat": "Trend: flat, the last {n} evaluations lie within {spread} points",
+        "acc_trend_flat_one": "Trend: flat, the last {n} evaluations lie within {spread} point",
         "acc_trend_falling": "Trend: falling, the last evaluation is below the best",
         "acc_trend_mixed": "Trend: mixed",
         "acc_trend_single": "Trend: one evaluation only",
@@ -137,6 +139,8 @@ TEXT: dict[str, dict[str, str]] = {
         "epoch (ModelCheckpoint on val/answer_accuracy), or stop earlier.",
         "rec_truncated": "{count} training examples were cut at max_length {max_length}: their ends were never "
         "learned. Raise data.max_length or shorten those answers.",
+        "rec_truncated_one": "{count} training example was cut at max_length {max_length}: its end was never "
+        "learned. Raise data.max_length or shorten that answer.",
         "no_recommendations": "None: nothing in the records calls for a change.",
         "notes": "Notes",
         "note_no_memory": "No memory.json: the memory section is left out. Add callbacks.memory.GPUMemoryProfiler "
@@ -144,8 +148,6 @@ TEXT: dict[str, dict[str, str]] = {
         "note_no_config_for_planner": "No config.yaml in the run directory: the memory planner was not asked "
         "about a larger micro-batch.",
         "note_planner_failed": "The memory planner could not read the config: {error}",
-        "note_too_few_epochs_for_phases": "Only {epochs} epochs: the phase rule needs {window} before it can end "
-        "a phase, so the run is one phase.",
         "note_online_phases_differ": "The boundaries found during training ({online}) differ from the ones found "
         "now ({offline}): the run was resumed or its options changed.",
         "note_no_grad_norm": "No gradient norm was logged: its section is left out.",
@@ -183,6 +185,7 @@ TEXT: dict[str, dict[str, str]] = {
         "seconds": "{n} segundos",
         "second": "{n} segundo",
         "duration_value": "{parts} ({minutes} minutos)",
+        "duration_value_one": "{parts} ({minutes} minuto)",
         "gpu": "{name}, {memory} MB, {sms} multiprocesadores",
         "cuda_cores": " ({cores} núcleos CUDA)",
         "cpu": "CPU: {name}, {cores} núcleos",
@@ -240,6 +243,7 @@ TEXT: dict[str, dict[str, str]] = {
         "acc_last": "Última: {value}% en la época {epoch}",
         "acc_trend_rising": "Tendencia: todavía al alza al final ({previous}% antes, {last}% en la última)",
         "acc_trend_flat": "Tendencia: estable, las últimas {n} evaluaciones caben en {spread} puntos",
+        "acc_trend_flat_one": "Tendencia: estable, las últimas {n} evaluaciones caben en {spread} punto",
         "acc_trend_falling": "Tendencia: a la baja, la última evaluación queda por debajo de la mejor",
         "acc_trend_mixed": "Tendencia: irregular",
         "acc_trend_single": "Tendencia: solo hay una evaluación",
@@ -279,6 +283,8 @@ TEXT: dict[str, dict[str, str]] = {
         "de esa época (ModelCheckpoint sobre val/answer_accuracy) o detén antes el entrenamiento.",
         "rec_truncated": "{count} ejemplos de entrenamiento se cortaron en max_length {max_length}: su final nunca "
         "se aprendió. Sube data.max_length o acorta esas respuestas.",
+        "rec_truncated_one": "{count} ejemplo de entrenamiento se cortó en max_length {max_length}: su final nunca "
+        "se aprendió. Sube data.max_length o acorta esa respuesta.",
         "no_recommendations": "Ninguna: nada en los registros pide un cambio.",
         "notes": "Notas",
         "note_no_memory": "No hay memory.json: se omite la sección de memoria. Añade "
@@ -286,8 +292,6 @@ TEXT: dict[str, dict[str, str]] = {
         "note_no_config_for_planner": "No hay config.yaml en el directorio: no se consultó al planificador de "
         "memoria sobre un micro-lote mayor.",
         "note_planner_failed": "El planificador de memoria no pudo leer la configuración: {error}",
-        "note_too_few_epochs_for_phases": "Solo {epochs} épocas: la regla de fases necesita {window} para cerrar "
-        "una fase, así que todo el entrenamiento es una sola fase.",
         "note_online_phases_differ": "Los límites hallados durante el entrenamiento ({online}) no coinciden con "
         "los de ahora ({offline}): se reanudó el entrenamiento o cambiaron sus opciones.",
         "note_no_grad_norm": "No se registró la norma del gradiente: se omite su sección.",
@@ -306,6 +310,12 @@ TEXT["en"].update(
         "unit_steps": "steps",
         "epochs_value": "{run} of {max}",
         "epochs_partial": "{run} of {max}: {complete} complete, the last ({epoch}) partial ({fraction} of it)",
+        "at_epoch": "at epoch {n}",
+        "at_step": "at step {n}",
+        "after_last_epoch": "after the last epoch ({n})",
+        "after_last_step": "after the last step ({n})",
+        "after_epoch": "after epoch {n}",
+        "after_step": "after step {n}",
         "coverage": "This report covers the run up to step {step} (epoch {epoch}) of max_steps {max}: {why}",
         "coverage_checkpoint": "the state was saved while the run was still going.",
         "coverage_other": "the records end there.",
@@ -318,34 +328,55 @@ TEXT["en"].update(
         "points": "points",
         "loss_reduction": "Observed change from the first logged loss: {pct}% to the last, {spct}% to the smoothed "
         "final loss (positive: it fell)",
-        "trend_fell": "The loss fell: the median of its last {n} {points} ({tail}) is {change}% below the median "
-        "of its first {n} ({head}), {z} standard errors beyond its noise ({noise}% per point).",
-        "trend_rose": "The loss rose: the median of its last {n} {points} ({tail}) is above the median of its "
-        "first {n} ({head}) by more than its noise allows.",
-        "trend_flat": "No learning: the loss stayed at {tail} within its noise from start to end (first {n} "
-        "{points}: {head}; change {change}%, under {z} standard errors of {se}%).",
-        "trend_too_few_points": "Only {count} logged {points}: too few to tell a trend from noise.",
+        "last_median": "the median of its last {n} points",
+        "last_median_one": "its last point",
+        "first_median": "the median of its first {n} points",
+        "first_median_one": "its first point",
+        "trend_fell": "The loss fell: {last} ({tail}) is {change}% below {first} ({head}), {z} standard errors "
+        "beyond its noise ({noise}% per point).",
+        "trend_rose": "The loss rose: {last} ({tail}) is above {first} ({head}) by more than its noise allows "
+        "({z} standard errors).",
+        "trend_fell_first": "The loss fell: {last} ({tail}) is {change}% below its first logged loss ({first_value}), "
+        "{z} standard errors beyond its noise ({noise}% per point); the fall came early: {first} is already "
+        "{head}.",
+        "trend_rose_first": "The loss rose: {last} ({tail}) is above its first logged loss ({first_value}) by more "
+        "than its noise allows ({z} standard errors); {first} is {head}.",
+        "trend_flat": "No learning: the loss stayed at {tail} within its noise from start to end ({first}: {head}, "
+        "its first logged loss {first_value}; change {change}%, {z} standard errors of {se}%, under the {need} "
+        "the test asks for).",
+        "trend_flat_one": "No learning: the loss stayed at {tail} within its noise from start to end (its first "
+        "point: {head}; change {change}%, {z} standard errors of {se}%, under the {need} the test asks for).",
+        "trend_too_few_points": "Only {count} logged points: too few to tell a trend from noise.",
+        "trend_too_few_points_one": "Only {count} logged point: too few to tell a trend from noise.",
         "chance": "{level} is ln {k}: the loss of a {k}-way classifier that guesses at chance.",
         "epoch_means": "Epoch means (complete epochs)",
         "epoch_col": "Epoch",
         "mean_col": "Mean loss",
-        "partial_epoch": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged {points}); the "
+        "partial_epoch": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged points); the "
+        "epoch means leave it out.",
+        "partial_epoch_one": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged point); the "
         "epoch means leave it out.",
         "phases_detected": "Phases looked for on the {series} by phi2tutor.phases, the rule the PhaseDetection "
-        "callback applies during training: window {window} {units}, fine-tuning begins below {ft} and "
-        "stabilization below {st} of the fastest improvement rate, each only where the rate and its fall "
-        "stand {z} standard errors above the curve's own noise.",
+        "callback applies during training: the improvement rate is the slope of the log loss over a window of "
+        "{window} {units}; fine-tuning begins below {ft} and stabilization below {st} of the fastest rate, each "
+        "only where the ending phase's fastest rate and its fall from it stand {z} standard errors above the "
+        "curve's own noise (in log space).",
         "series_epoch_mean": "epoch mean loss",
         "series_logged": "logged training loss",
         "verdict_fell_steadily": "The loss fell steadily: no distinct phases (no slow-down stood above the noise).",
         "verdict_flat": "No phases: the loss did not fall beyond its noise.",
         "verdict_rose": "No phases: the loss rose.",
         "verdict_too_few_points": "No phases: too few points to tell.",
-        "total_reduction": "Total loss reduction: {pct}% (from {start} at {unit} {first} to {end} at {unit} {last})",
-        "total_rise": "Total loss change: it rose by {pct}% (from {start} at {unit} {first} to {end} at {unit} {last})",
+        "total_reduction": "Total loss reduction: {pct}% (from {start} {at_first} to {end} {at_last})",
+        "total_rise": "Total loss change: it rose by {pct}% (from {start} {at_first} to {end} {at_last})",
         "phase_heading": "Phase {number}: {name} ({units} {first}-{last})",
-        "phase_began_at_end": "The {name} phase began after the last {unit} ({position}).",
+        "phase_began_at_end": "The {name} phase began {after}.",
         "phase_points": "{Units}: {count} ({pct}% of the run)",
+        "phase_points_step": "Logged points: {count} ({pct}% of the run's)",
+        "phase_just_begun": "The {name} phase began {after}: {count} points logged since, too few (under the "
+        "window of {window}) to describe it.",
+        "phase_just_begun_one": "The {name} phase began {after}: {count} point logged since, too few (under the "
+        "window of {window}) to describe it.",
         "phase_rose": "The loss rose within this phase.",
         "nonfinite": "NaN and inf",
         "nonfinite_loss": "training loss",
@@ -364,6 +395,12 @@ TEXT["en"].update(
         "val_after_best": "After its best the validation loss changed by {rise}% (overfitting is named above "
         "{threshold}%).",
         "other_metrics": "Other evaluation metrics (as logged)",
+        "grouped_metrics": "Per-group evaluation metrics (as logged)",
+        "grouped_metrics_intro": "{count} groups log the same metrics ({pattern}): each metric's cell is its last "
+        "value, with the lowest and highest over the run in parentheses (one number: it never changed). First "
+        "values and the step of each value are in report.json.",
+        "last_at_step": "(the last at step {step})",
+        "group_col": "Group",
         "metric": "Metric",
         "first_col": "First (step)",
         "last_col": "Last (step)",
@@ -371,7 +408,11 @@ TEXT["en"].update(
         "highest_col": "Highest (step)",
         "stop_max_steps": "It finished: it reached max_steps ({step}).",
         "stop_early_stopping_trainer": "EarlyStoppingCallback stopped it at step {step} (epoch {epoch}): "
-        "{counter} evaluations without improvement of the metric for best model, its patience {patience}.",
+        "{counter} evaluations without improvement of {metric}, its patience {patience}.",
+        "stop_early_stopping_trainer_one": "EarlyStoppingCallback stopped it at step {step} (epoch {epoch}): "
+        "{counter} evaluation without improvement of {metric}, its patience {patience}.",
+        "es_metric": "{metric} (the metric for best model: best {best} at step {best_step})",
+        "es_metric_unknown": "the metric for best model (the state does not name it)",
         "stop_checkpoint": "It was still running: this state was saved at step {step} of max_steps {max_steps} "
         "(TrainerControl.should_training_stop is false).",
         "stop_stopped": "A callback stopped it at step {step} of max_steps {max_steps} (should_training_stop).",
@@ -406,13 +447,21 @@ TEXT["en"].update(
         "{remaining}% of the run's total reduction more (under {threshold}%, to {final}), so num_train_epochs "
         "{epoch} would have saved {saved} {epochs} ({saved_pct}% of the run).",
         "rec_still_improving_phi2tutor": "Train for longer: over the second half of the run ({unit}s {a}-{b}) the "
-        "loss still fell from {head} to {tail} ({change}%, medians of {n} {points}); raise trainer.max_epochs.",
+        "loss still fell from {head} to {tail} ({change}%, medians of {n} points); raise trainer.max_epochs.",
+        "rec_still_improving_phi2tutor_one": "Train for longer: over the second half of the run ({unit}s {a}-{b}) "
+        "the loss still fell from {head} to {tail} ({change}%, its first and last points there); raise "
+        "trainer.max_epochs.",
         "rec_still_improving_trainer": "Train for longer: over the second half of the run ({unit}s {a}-{b}) the "
-        "loss still fell from {head} to {tail} ({change}%, medians of {n} {points}); raise num_train_epochs "
+        "loss still fell from {head} to {tail} ({change}%, medians of {n} points); raise num_train_epochs "
         "(or max_steps).",
+        "rec_still_improving_trainer_one": "Train for longer: over the second half of the run ({unit}s {a}-{b}) "
+        "the loss still fell from {head} to {tail} ({change}%, its first and last points there); raise "
+        "num_train_epochs (or max_steps).",
         "note_no_memory_state": "The Trainer state holds no memory figures: the memory section is left out.",
         "note_too_few_points_for_phases": "Only {points} {unit} points: the phase rule needs {window} before it can "
         "end a phase.",
+        "note_too_few_points_for_phases_one": "Only {points} {unit} point: the phase rule needs {window} before it "
+        "can end a phase.",
         "note_no_validation": "No validation was logged (no validation loss, no eval metric): the validation "
         "section is left out.",
         "note_no_learning_rate": "No learning rate was logged: its section is left out.",
@@ -427,6 +476,13 @@ TEXT["es"].update(
         "unit_steps": "pasos",
         "epochs_value": "{run} de {max}",
         "epochs_partial": "{run} de {max}: {complete} completas, la última ({epoch}) parcial ({fraction} de ella)",
+        "epochs_partial_one": "{run} de {max}: {complete} completa, la última ({epoch}) parcial ({fraction} de ella)",
+        "at_epoch": "en la época {n}",
+        "at_step": "en el paso {n}",
+        "after_last_epoch": "después de la última época ({n})",
+        "after_last_step": "después del último paso ({n})",
+        "after_epoch": "después de la época {n}",
+        "after_step": "después del paso {n}",
         "coverage": "Este informe cubre el entrenamiento hasta el paso {step} (época {epoch}) de max_steps {max}: {why}",
         "coverage_checkpoint": "el estado se guardó con el entrenamiento aún en marcha.",
         "coverage_other": "los registros terminan ahí.",
@@ -440,24 +496,43 @@ TEXT["es"].update(
         "points": "puntos",
         "loss_reduction": "Cambio observado desde la primera pérdida registrada: {pct}% hasta la última, {spct}% "
         "hasta la pérdida final suavizada (positivo: bajó)",
-        "trend_fell": "La pérdida bajó: la mediana de sus últimos {n} {points} ({tail}) está un {change}% por "
-        "debajo de la de sus primeros {n} ({head}), {z} errores estándar más allá de su ruido ({noise}% por punto).",
-        "trend_rose": "La pérdida subió: la mediana de sus últimos {n} {points} ({tail}) supera la de sus "
-        "primeros {n} ({head}) más de lo que su ruido permite.",
-        "trend_flat": "Sin aprendizaje: la pérdida se quedó en {tail} dentro de su ruido de principio a fin "
-        "(primeros {n} {points}: {head}; cambio {change}%, menos de {z} errores típicos de {se}%).",
-        "trend_too_few_points": "Solo {count} {points} registrados: demasiado pocos para distinguir una tendencia "
-        "del ruido.",
+        "last_median": "la mediana de sus últimos {n} puntos",
+        "last_median_one": "su último punto",
+        "first_median": "la mediana de sus primeros {n} puntos",
+        "first_median_one": "su primer punto",
+        "trend_fell": "La pérdida bajó: {last} ({tail}) queda un {change}% por debajo de {first} ({head}), {z} "
+        "errores típicos más allá de su ruido ({noise}% por punto).",
+        "trend_rose": "La pérdida subió: {last} ({tail}) supera {first} ({head}) más de lo que su ruido permite "
+        "({z} errores típicos).",
+        "trend_fell_first": "La pérdida bajó: {last} ({tail}) queda un {change}% por debajo de su primera pérdida "
+        "registrada ({first_value}), {z} errores típicos más allá de su ruido ({noise}% por punto); la caída llegó "
+        "pronto: {first} ya es {head}.",
+        "trend_rose_first": "La pérdida subió: {last} ({tail}) supera su primera pérdida registrada ({first_value}) "
+        "más de lo que su ruido permite ({z} errores típicos); {first} es {head}.",
+        "trend_flat": "Sin aprendizaje: la pérdida se quedó en {tail} dentro de su ruido de principio a fin ({first}: "
+        "{head}; su primera pérdida registrada: {first_value}; cambio del {change}%, {z} errores típicos de {se}%, "
+        "menos de los {need} que pide la prueba).",
+        "trend_flat_one": "Sin aprendizaje: la pérdida se quedó en {tail} dentro de su ruido de principio a fin (su "
+        "primer punto: {head}; cambio del {change}%, {z} errores típicos de {se}%, menos de los {need} que pide la "
+        "prueba).",
+        "trend_too_few_points": "Solo {count} puntos registrados: demasiado pocos para distinguir una tendencia del "
+        "ruido.",
+        "trend_too_few_points_one": "Solo {count} punto registrado: demasiado poco para distinguir una tendencia del "
+        "ruido.",
         "chance": "{level} es ln {k}: la pérdida de un clasificador de {k} clases que acierta al azar.",
         "epoch_means": "Medias por época (épocas completas)",
         "epoch_col": "Época",
         "mean_col": "Pérdida media",
-        "partial_epoch": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} {points} "
+        "partial_epoch": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} puntos "
         "registrados); las medias por época la dejan fuera.",
+        "partial_epoch_one": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} punto "
+        "registrado); las medias por época la dejan fuera.",
         "phases_detected": "Fases buscadas sobre la {series} con phi2tutor.phases, la misma regla que aplica el "
-        "callback PhaseDetection durante el entrenamiento: ventana de {window} {units}; el ajuste fino empieza "
-        "por debajo de {ft} y la estabilización por debajo de {st} de la mayor velocidad de mejora, cada una solo "
-        "donde la velocidad y su caída superan en {z} errores típicos el ruido propio de la curva.",
+        "callback PhaseDetection durante el entrenamiento: la velocidad de mejora es la pendiente del logaritmo "
+        "de la pérdida en una ventana de {window} {units}; el ajuste fino empieza por debajo de {ft} y la "
+        "estabilización por debajo de {st} de la mayor velocidad, cada una solo donde la mayor velocidad de la "
+        "fase que termina y su caída desde ella superan en {z} errores típicos el ruido propio de la curva (en "
+        "escala logarítmica).",
         "series_epoch_mean": "pérdida media por época",
         "series_logged": "pérdida de entrenamiento registrada",
         "verdict_fell_steadily": "La pérdida bajó de forma continua: sin fases distintas (ninguna desaceleración "
@@ -465,13 +540,16 @@ TEXT["es"].update(
         "verdict_flat": "Sin fases: la pérdida no bajó más allá de su ruido.",
         "verdict_rose": "Sin fases: la pérdida subió.",
         "verdict_too_few_points": "Sin fases: demasiado pocos puntos para saberlo.",
-        "total_reduction": "Reducción total de la pérdida: {pct}% (de {start} en la {unit} {first} a {end} en la "
-        "{unit} {last})",
-        "total_rise": "Cambio total de la pérdida: subió un {pct}% (de {start} en la {unit} {first} a {end} en la "
-        "{unit} {last})",
+        "total_reduction": "Reducción total de la pérdida: {pct}% (de {start} {at_first} a {end} {at_last})",
+        "total_rise": "Cambio total de la pérdida: subió un {pct}% (de {start} {at_first} a {end} {at_last})",
         "phase_heading": "Fase {number}: {name} ({units} {first}-{last})",
-        "phase_began_at_end": "La fase de {name} empezó después de la última {unit} ({position}).",
+        "phase_began_at_end": "La fase de {name} empezó {after}.",
         "phase_points": "{Units}: {count} (el {pct}% del entrenamiento)",
+        "phase_points_step": "Puntos registrados: {count} (el {pct}% del total)",
+        "phase_just_begun": "La fase de {name} empezó {after}: desde entonces hay {count} puntos registrados, "
+        "demasiado pocos (menos que la ventana de {window}) para describirla.",
+        "phase_just_begun_one": "La fase de {name} empezó {after}: desde entonces hay {count} punto registrado, "
+        "demasiado poco (menos que la ventana de {window}) para describirla.",
         "phase_rose": "La pérdida subió dentro de esta fase.",
         "nonfinite": "NaN e infinitos",
         "nonfinite_loss": "pérdida de entrenamiento",
@@ -491,6 +569,12 @@ TEXT["es"].update(
         "val_after_best": "Tras su mejor valor la pérdida de validación cambió un {rise}% (se habla de sobreajuste "
         "por encima del {threshold}%).",
         "other_metrics": "Otras métricas de evaluación (tal como se registraron)",
+        "grouped_metrics": "Métricas de evaluación por grupo (tal como se registraron)",
+        "grouped_metrics_intro": "{count} grupos registran las mismas métricas ({pattern}): la celda de cada "
+        "métrica es su último valor, con el mínimo y el máximo del entrenamiento entre paréntesis (un solo número: "
+        "no cambió nunca). Los primeros valores y el paso de cada valor están en report.json.",
+        "last_at_step": "(la última en el paso {step})",
+        "group_col": "Grupo",
         "metric": "Métrica",
         "first_col": "Primera (paso)",
         "last_col": "Última (paso)",
@@ -498,7 +582,11 @@ TEXT["es"].update(
         "highest_col": "Máxima (paso)",
         "stop_max_steps": "Terminó: llegó a max_steps ({step}).",
         "stop_early_stopping_trainer": "EarlyStoppingCallback lo detuvo en el paso {step} (época {epoch}): "
-        "{counter} evaluaciones sin mejora de la métrica del mejor modelo, con paciencia {patience}.",
+        "{counter} evaluaciones sin mejora de {metric}, con paciencia {patience}.",
+        "stop_early_stopping_trainer_one": "EarlyStoppingCallback lo detuvo en el paso {step} (época {epoch}): "
+        "{counter} evaluación sin mejora de {metric}, con paciencia {patience}.",
+        "es_metric": "{metric} (la métrica del mejor modelo: la mejor, {best}, en el paso {best_step})",
+        "es_metric_unknown": "la métrica del mejor modelo (el estado no dice cuál es)",
         "stop_checkpoint": "Seguía en marcha: este estado se guardó en el paso {step} de max_steps {max_steps} "
         "(TrainerControl.should_training_stop es false).",
         "stop_stopped": "Un callback lo detuvo en el paso {step} de max_steps {max_steps} (should_training_stop).",
@@ -533,18 +621,27 @@ TEXT["es"].update(
         "bajó un {remaining}% más de la reducción total (menos del {threshold}%, hasta {final}), así que "
         "num_train_epochs {epoch} habría ahorrado {saved} {epochs} (el {saved_pct}% del entrenamiento).",
         "rec_still_improving_phi2tutor": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó de "
-        "{head} a {tail} ({change}%, medianas de {n} {points}); sube trainer.max_epochs.",
+        "{head} a {tail} ({change}%, medianas de {n} puntos); sube trainer.max_epochs.",
+        "rec_still_improving_phi2tutor_one": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó "
+        "de {head} a {tail} ({change}%, de su primer a su último punto); sube trainer.max_epochs.",
         "rec_still_improving_trainer": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó de "
-        "{head} a {tail} ({change}%, medianas de {n} {points}); sube num_train_epochs (o max_steps).",
+        "{head} a {tail} ({change}%, medianas de {n} puntos); sube num_train_epochs (o max_steps).",
+        "rec_still_improving_trainer_one": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó "
+        "de {head} a {tail} ({change}%, de su primer a su último punto); sube num_train_epochs (o max_steps).",
         "note_no_memory_state": "El estado del Trainer no guarda cifras de memoria: se omite la sección de memoria.",
         "note_too_few_points_for_phases": "Solo {points} puntos por {unit}: la regla de fases necesita {window} para "
         "cerrar una fase.",
+        "note_too_few_points_for_phases_one": "Solo {points} punto por {unit}: la regla de fases necesita {window} "
+        "para cerrar una fase.",
         "note_no_validation": "No se registró validación (ni pérdida de validación ni métricas de evaluación): se "
         "omite la sección de validación.",
         "note_no_learning_rate": "No se registró el learning rate: se omite su sección.",
     }
 )
-TEXT["en"]["unknown_f"] = TEXT["en"]["unknown"]
+TEXT["es"]["unknown_mp"] = "desconocidos"
+TEXT["es"]["unknown_fp"] = "desconocidas"
+for _key in ("unknown_f", "unknown_mp", "unknown_fp"):
+    TEXT["en"][_key] = TEXT["en"]["unknown"]
 
 NUMBER_PATTERN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
 """A number in report text, not one inside a word (phi2tutor, version_0); tests compare report.md to report.json."""
@@ -552,6 +649,11 @@ NUMBER_PATTERN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
 
 def plural(count: Any, singular: str, many: str) -> str:
     return singular if count == 1 else many
+
+
+def counted(t: dict[str, str], key: str, count: Any) -> str:
+    """The wording ``key`` for ``count`` things: its ``_one`` form for exactly one, where it has one."""
+    return t.get(f"{key}_one", t[key]) if count == 1 else t[key]
 
 
 def fmt(value: Any, language: str = "en") -> str:
@@ -606,7 +708,7 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
             "",
         ]
     lines += _render_general(report["general"], t, f, language)
-    lines += _render_loss(report["loss"], t, f)
+    lines += _render_loss(report["loss"], report["evidence_z"], t, f)
     if report["memory"] is not None:
         lines += _render_memory(report["memory"], t, f)
     lines += _render_phases(report["phases"], report["evidence_z"], t, f)
@@ -676,7 +778,7 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
             params = {key: value for key, value in note.items() if key != "key"}
             if "unit" in params:
                 params["unit"] = t[f"unit_{params['unit']}"]
-            lines.append("- " + t[f"note_{note['key']}"].format(**params))
+            lines.append("- " + counted(t, f"note_{note['key']}", note.get("points")).format(**params))
         lines.append("")
     return "\n".join(lines)
 
@@ -687,31 +789,39 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
         and g["epochs_run"] is not None
         and g["epochs_run"] != g["complete_epochs"]
     ):
-        epochs = t["epochs_partial"].format(
+        epochs = counted(t, "epochs_partial", g["complete_epochs"]).format(
             run=f(g["epochs_run"]),
             max=f(g["max_epochs"]),
             complete=g["complete_epochs"],
             epoch=g["complete_epochs"] + 1,
             fraction=f(round(g["epochs_run"] - int(g["epochs_run"]), 2)),
         )
+    elif g["max_epochs"] is None:
+        epochs = f(g["epochs_run"])
     else:
         epochs = t["epochs_value"].format(run=f(g["epochs_run"]), max=f(g["max_epochs"]))
+
+    def known(value: Any, unknown: str) -> str:
+        # "unknown" agrees with the row's noun in Spanish: Precisión desconocida, Parámetros desconocidos.
+        return t[unknown] if value is None else f(value)
+
+    steps = known(g["optimizer_steps"], "unknown_mp")
     rows = [
         (t["base_model"], f(g["base_model"])),
-        (t["parameters"], fmt_count(g["total_parameters"], language)),
+        (t["parameters"], fmt_count(g["total_parameters"], language).replace(t["unknown"], t["unknown_mp"])),
         (
             t["trainable"],
             t["trainable_value"].format(
                 count=fmt_count(g["trainable_parameters"], language), pct=f(g["trainable_pct"])
             )
             if g["trainable_parameters"] is not None
-            else t["unknown"],
+            else t["unknown_mp"],
         ),
         (t["hardware"], _render_hardware(g["hardware"], t, f)),
-        (t["precision"], f(g["precision"])),
-        (t["quantization"], f(g["quantization"])),
+        (t["precision"], known(g["precision"], "unknown_f")),
+        (t["quantization"], known(g["quantization"], "unknown_f")),
         (t["epochs"], epochs),
-        (t["steps"], f(g["optimizer_steps"]) + (f" / max_steps {g['max_steps']}" if g["max_steps"] else "")),
+        (t["steps"], steps + (f" / max_steps {g['max_steps']}" if g["max_steps"] else "")),
     ]
     if g["started_at"] is not None:
         rows.append((t["started"], f"{g['started_at']} / {f(g['ended_at'])}"))
@@ -724,7 +834,9 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
         rows.append(
             (
                 t["duration"],
-                t["duration_value"].format(parts=", ".join(parts), minutes=f(g["duration_minutes"])),
+                counted(t, "duration_value", g["duration_minutes"]).format(
+                    parts=", ".join(parts), minutes=f(g["duration_minutes"])
+                ),
             )
         )
     else:
@@ -736,7 +848,7 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
     return lines + [""]
 
 
-def _render_loss(loss: dict[str, Any], t: dict[str, str], f) -> list[str]:
+def _render_loss(loss: dict[str, Any], z: float, t: dict[str, str], f) -> list[str]:
     lines = [f"## {t['loss']}", ""]
     for key in ("first", "last", "last_finite"):
         point = loss[key]
@@ -764,17 +876,21 @@ def _render_loss(loss: dict[str, Any], t: dict[str, str], f) -> list[str]:
         )
     trend = loss["trend"]
     n = trend["edge_points"]
+    key = f"trend_{trend['kind']}" + ("_first" if trend.get("from_first") else "")
+    count = loss["points"] if trend["kind"] == "too_few_points" else n
     lines.append(
         "- "
-        + t[f"trend_{trend['kind']}"].format(
-            n=n,
-            points=t[plural(n if trend["kind"] != "too_few_points" else loss["points"], "point", "points")],
+        + counted(t, key, count).format(
+            last=counted(t, "last_median", n).format(n=n),
+            first=counted(t, "first_median", n).format(n=n),
+            first_value=f(trend.get("first")),
             head=f(trend["head"]),
             tail=f(trend["tail"]),
             change=f(trend["change_pct"]),
-            z=f(trend["standard_errors"]),
+            z=f(trend.get("standard_errors_abs")),
             noise=f(trend["noise_pct"]),
             se=f(trend["standard_error_pct"]),
+            need=f(z),
             count=loss["points"],
         )
     )
@@ -782,11 +898,8 @@ def _render_loss(loss: dict[str, Any], t: dict[str, str], f) -> list[str]:
         p = loss["partial_epoch"]
         lines.append(
             "- "
-            + t["partial_epoch"].format(
-                epoch=p["epoch"],
-                fraction=f(p["fraction"]),
-                count=p["points"],
-                points=t[plural(p["points"], "point", "points")],
+            + counted(t, "partial_epoch", p["points"]).format(
+                epoch=p["epoch"], fraction=f(p["fraction"]), count=p["points"]
             )
         )
     lines.append("")
@@ -843,7 +956,7 @@ def _render_memory(m: dict[str, Any], t: dict[str, str], f) -> list[str]:
 
 
 def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[str]:
-    unit, units = t[f"unit_{p['unit']}"], t[f"unit_{p['unit']}s"]
+    units = t[f"unit_{p['unit']}s"]
     lines = [f"## {t['phases']}", ""]
     if p["method"] == "detected":
         o = p["options"]
@@ -864,12 +977,12 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
     elif p["online_boundaries"] is not None:
         lines.append(t["phases_online_none"])
     lines.append("")
+    at = t[f"at_{p['unit']}"]  # "en la época 1", "en el paso 25": the article agrees with the unit
     span = {
         "start": f(p["start_loss"]),
         "end": f(p["end_loss"]),
-        "first": p["first_position"],
-        "last": p["last_position"],
-        "unit": unit,
+        "at_first": at.format(n=p["first_position"]),
+        "at_last": at.format(n=p["last_position"]),
     }
     if p["total_reduction_pct"] is not None and p["points"] > 1:
         if p["total_reduction_pct"] >= 0:
@@ -885,12 +998,22 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
     if p.get("began_after_last"):
         lines += [
             t["phase_began_at_end"].format(
-                name=t[f"phase_{p['began_after_last']}"], unit=unit, position=p["last_position"]
+                name=t[f"phase_{p['began_after_last']}"],
+                after=t[f"after_last_{p['unit']}"].format(n=p["last_position"]),
             ),
             "",
         ]
     for phase in p["phases"]:
         name = t[f"phase_{phase['name']}"]
+        if phase.get("just_begun"):
+            after = t[f"after_{p['unit']}"].format(n=p["boundaries"][phase["number"] - 2])
+            lines += [
+                counted(t, "phase_just_begun", phase["points"]).format(
+                    name=name, after=after, count=phase["points"], window=p["options"]["window"]
+                ),
+                "",
+            ]
+            continue
         lines += [
             "### "
             + t["phase_heading"].format(
@@ -905,9 +1028,10 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
             lines.append("- " + t["share"].format(value=f(phase["share_of_total_reduction_pct"])))
         elif (phase["improvement_pct"] or 0) < 0:
             lines.append("- " + t["phase_rose"])
+        points_key = "phase_points_step" if p["unit"] == "step" else "phase_points"
         lines += [
             "- "
-            + t["phase_points"].format(
+            + t[points_key].format(
                 Units=units.capitalize(), count=phase["points"], pct=f(phase["points_share_pct"])
             ),
             "",
@@ -962,7 +1086,7 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
         lines.append("- " + t["acc_last"].format(value=f(a["last"]), epoch=a["last_epoch"]))
         lines.append(
             "- "
-            + t[f"acc_trend_{a['trend']}"].format(
+            + counted(t, f"acc_trend_{a['trend']}", a["recent_spread_points"]).format(
                 previous=f(a["previous_pct"]),
                 last=f(a["last"]),
                 n=a["recent_evaluations"],
@@ -970,7 +1094,14 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
             )
         )
         lines.append("")
-    if v["other_metrics"]:
+    groups = v.get("metric_groups")
+    grouped = (
+        {f"{groups['prefix']}{g}_{m}" for g in groups["groups"] for m in groups["measures"]}
+        if groups
+        else set()
+    )
+    single = [m for m in v["other_metrics"] if m["name"] not in grouped]
+    if single:
         lines += [
             f"### {t['other_metrics']}",
             "",
@@ -978,11 +1109,41 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
             f"{t['lowest_col']} | {t['highest_col']} |",
             "|---|---|---|---|---|---|",
         ]
-        for m in v["other_metrics"]:
+        for m in single:
             lines.append(
                 f"| {m['name']} | {m['evaluations']} | {f(m['first'])} ({m['first_step']}) | {f(m['last'])} "
                 f"({m['last_step']}) | {f(m['lowest'])} ({m['lowest_step']}) | {f(m['highest'])} ({m['highest_step']}) |"
             )
+        lines.append("")
+    if groups:
+        by_name = {m["name"]: m for m in v["other_metrics"]}
+        final_step = max(by_name[name]["last_step"] for name in grouped)
+        lines += [
+            f"### {t['grouped_metrics']}",
+            "",
+            t["grouped_metrics_intro"].format(
+                count=groups["group_count"],
+                pattern=f"{groups['prefix']}<{t['group_col'].lower()}>_<{'|'.join(groups['measures'])}>",
+            ),
+            "",
+            f"| {t['group_col']} | {t['evaluations'].capitalize()} | "
+            + " | ".join(groups["measures"])
+            + " |",
+            "|---|---|" + "---|" * len(groups["measures"]),
+        ]
+
+        def cell(m: dict[str, Any]) -> str:
+            if m["lowest"] == m["highest"]:
+                return f(m["last"])
+            return f"{f(m['last'])} ({f(m['lowest'])}–{f(m['highest'])})"
+
+        for group in groups["groups"]:
+            metrics = [by_name[f"{groups['prefix']}{group}_{m}"] for m in groups["measures"]]
+            evaluations = str(metrics[0]["evaluations"])
+            if metrics[0]["last_step"] != final_step:  # logged only at some evaluations
+                evaluations += " " + t["last_at_step"].format(step=metrics[0]["last_step"])
+            cells = [evaluations] + [cell(m) for m in metrics]
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -991,7 +1152,9 @@ def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
     reason = stop.get("reason", "unknown")
     if reason == "early_stopping" and "patience" in stop:
         reason = "early_stopping_trainer"
-    template = t.get(f"stop_{reason}", t["stop_unknown"])
+    template = counted(t, f"stop_{reason}", stop.get("patience_counter")) if f"stop_{reason}" in t else None
+    template = template or t["stop_unknown"]
+    metric = stop.get("metric")
     fields = {
         "epoch": f(stop.get("epoch")),
         "step": f(stop.get("step")),
@@ -1000,6 +1163,11 @@ def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
         "callback": stop.get("callback", t["unknown"]),
         "patience": f(stop.get("patience")),
         "counter": f(stop.get("patience_counter")),
+        "metric": t["es_metric"].format(
+            metric=metric, best=f(stop.get("best_metric")), best_step=f(stop.get("best_step"))
+        )
+        if metric
+        else t["es_metric_unknown"],
     }
     lines = [f"## {t['stop']}", "", "- " + template.format(**fields)]
     if stop.get("message"):
@@ -1031,7 +1199,7 @@ def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict
             saved_pct=f(item["epochs_saved_pct"]),
         )
     if kind == "still_improving":
-        return t[f"rec_still_improving_{tool}"].format(
+        return counted(t, f"rec_still_improving_{tool}", item["edge_points"]).format(
             unit=t[f"unit_{item['unit']}"],
             a=item["from_position"],
             b=item["to_position"],
@@ -1039,7 +1207,6 @@ def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict
             tail=f(item["tail"]),
             change=f(item["change_pct"]),
             n=item["edge_points"],
-            points=t[plural(item["edge_points"], "point", "points")],
         )
     if kind == "larger_micro_batch":
         return t["rec_larger_micro_batch"].format(
@@ -1058,5 +1225,7 @@ def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict
     if kind == "accuracy_falling":
         return t["rec_accuracy_falling"].format(epoch=item["best_epoch"])
     if kind == "truncated":
-        return t["rec_truncated"].format(count=item["count"], max_length=f(item["max_length"]))
+        return counted(t, "rec_truncated", item["count"]).format(
+            count=item["count"], max_length=f(item["max_length"])
+        )
     return t[f"rec_{kind}"]
