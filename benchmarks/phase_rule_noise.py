@@ -1,7 +1,8 @@
 """The phase rule's evidence test, measured: how often pure noise gets phases, and what the rule finds on the
 reference run, the demo's 8 epoch means and a scripted short fast-then-slow curve. It compares the rule of
 phi2tutor.phases (log-space rate, mean-based log noise, EVIDENCE_Z 5) with the rule it replaced (linear
-relative rate, median-based relative noise, 4 standard errors) and the two steps between them.
+relative rate, median-based relative noise, 4 standard errors, every slow-down measured from the run's peak) and two steps between
+them (with the current rule's phase-own peak).
 
     python benchmarks/phase_rule_noise.py [--runs 300]
 
@@ -53,9 +54,12 @@ def _median_noise(values: Sequence[float], log: bool) -> float:
 
 class LinearMedianTracker(PhaseTracker):
     """The rule before: linear relative rate of a fitted line, median relative noise, 4 standard errors,
-    thresholds 0.4 and 0.08."""
+    thresholds 0.4 and 0.08, every boundary's slow-down measured from the run's peak."""
 
     evidence_z = 4.0
+
+    def evidence_peak(self):
+        return self.peak_improvement_rate
 
     def rate_of(self, values):
         improvement = relative_improvement(values, self.window, self.mode)

@@ -435,6 +435,10 @@ class PhaseTracker:
         """The noise the evidence test compares the rates with (``log_noise``)."""
         return log_noise(values)
 
+    def evidence_peak(self) -> float | None:
+        """The rate the evidence test measures the slow-down from: the ending phase's fastest window."""
+        return self.phase_peak_improvement_rate
+
     def update(self, position: int, value: float) -> PhaseTransition | None:
         """Take the value checked at ``position`` (an epoch or a step, increasing); return a transition
         if a new phase begins after this check."""
@@ -463,7 +467,7 @@ class PhaseTracker:
         # The ending phase must have improved, and slowed down, beyond the noise: the first phase by its
         # peak (the run's), a later one by the fastest window of its own. Judged against the run's peak
         # alone, any noisy stretch after a fast start would pass as a further slow-down.
-        phase_peak = self.phase_peak_improvement_rate
+        phase_peak = self.evidence_peak()
         standard_error = rate_standard_error(self.noise_of(self.values), self.window)
         if not (
             phase_peak > self.evidence_z * standard_error

@@ -37,6 +37,13 @@ from phi2tutor.report.records import (
 
 REPORT_SCHEMA_VERSION = 2
 
+MIN_LENGTH_WINDOW = 3
+"""The smallest phase window the report chooses by a series' length (a rate needs three points to be more
+than a difference of two)."""
+
+MIN_SETTLED_TAIL = 3
+"""Grad-norm values the tail needs before the report says whether the grad norm settled."""
+
 PHASE_NAME_KEYS = ("rapid_learning", "fine_tuning", "stabilization")
 
 # A report covers only part of a run when it ended this way: its numbers stop at the last logged step.
@@ -179,6 +186,10 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
             "points": len(in_partial),
         }
     positive = [p.value for p in finite if p.value > 0]
+    points_in: dict[int, int] = {}  # a Trainer run's epoch mean is the mean of its logged points: how many
+    if records.source_kind != PHI2TUTOR_RUN:
+        for point in records.train_losses:
+            points_in[epoch_index(point.epoch)] = points_in.get(epoch_index(point.epoch), 0) + 1
     return {
         "points": len(points),
         "nonfinite_points": len(points) - len(finite),
@@ -214,7 +225,10 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
             if trend.standard_errors is not None
             else None,
         },
-        "epoch_means": [{"epoch": e, "loss": loss_number(v)} for e, v in complete]
+        "epoch_means": [
+            {"epoch": e, "loss": loss_number(v), "points": points_in.get(e) if points_in else None}
+            for e, v in complete
+        ]
         if len(complete) >= 2
         else None,
         "complete_epochs": len(complete),
@@ -290,11 +304,14 @@ def phases_section(
     evidence of phases, the verdict says what the loss did instead."""
     unit, positions, values = analysed_series(records)
     options = {
-        "window": DEFAULT_PHASE_WINDOW,
+        "window": length_window(len(values)),
         "fine_tuning_below": DEFAULT_FINE_TUNING_BELOW,
         "stabilization_below": DEFAULT_STABILIZATION_BELOW,
         **(records.phase_options or {}),
     }
+    # The run's own PhaseDetection window when it had one (the boundaries found online are then the
+    # report's); otherwise one sized to the series, so a short run is not judged by a 15-point window.
+    window_from = "run" if "window" in (records.phase_options or {}) else "length"
     if boundaries is not None:
         try:
             analysis = summarize_phases(values, [int(b) for b in boundaries], positions, unit=unit)
@@ -366,6 +383,8 @@ def phases_section(
         "points": len(values),
         "began_after_last": next_phase,
         "options": options if method == "detected" else None,
+        "window_from": window_from if method == "detected" else None,
+        "length_window_bounds": [MIN_LENGTH_WINDOW, DEFAULT_PHASE_WINDOW],
         "boundaries": list(analysis.boundaries),
         "online_boundaries": records.online_phase_boundaries,
         "first_position": positions[0],
@@ -392,6 +411,12 @@ def phases_section(
             }
         )
     return result
+
+
+def length_window(points: int) -> int:
+    """The phase window for a series with no PhaseDetection options of its own: a tenth of its points,
+    between ``MIN_LENGTH_WINDOW`` and ``DEFAULT_PHASE_WINDOW``."""
+    return max(MIN_LENGTH_WINDOW, min(DEFAULT_PHASE_WINDOW, points // 10))
 
 
 def chance_classes(loss: float, tolerance_pct: float) -> int | None:
@@ -441,7 +466,10 @@ def grad_norm_section(records: RunRecords, settings: ReportSettings, notes: list
     for point in points:
         by_epoch.setdefault(epoch_index(point.epoch), []).append(point.value)
     settled_from = None
-    if len(by_epoch) >= 2:
+    # A level needs a few values to be one: with fewer in the tail (a run that logged 3 grad norms) the
+    # last value would be its own "settled level".
+    judged = len(by_epoch) >= 2 and len(tail) >= MIN_SETTLED_TAIL
+    if judged:
         for epoch in sorted(by_epoch, reverse=True):
             if statistics.median(by_epoch[epoch]) > settings.grad_norm_settle_factor * level:
                 break
@@ -453,6 +481,7 @@ def grad_norm_section(records: RunRecords, settings: ReportSettings, notes: list
         "settled_level": r4(level),
         "settled_from_epoch": settled_from,
         "epochs": len(by_epoch),
+        "settling_judged": judged,
         "tail_pct": settings.grad_norm_tail_pct,
         "settle_factor": settings.grad_norm_settle_factor,
         "last": r4(values[-1]),
@@ -474,8 +503,12 @@ def learning_rate_section(records: RunRecords, notes: list) -> dict[str, Any] | 
     rises = peak_index > 0 and values[0] < 0.9 * peak
     decays = values[-1] < 0.9 * peak
     decay_kind = _decay_kind(steps[peak_index:], values[peak_index:]) if decays else None
-    if rises and decays:
+    if len(values) < 3:
+        shape = "too_few"  # one or two values say nothing about a schedule
+    elif rises and decays:
         shape = f"warmup_{decay_kind}"
+    elif rises and peak_index == len(values) - 1:
+        shape = "warmup_rising"  # still rising at the last logged value: no end of the warm-up seen
     elif rises:
         shape = "warmup_constant"
     elif decays:
@@ -612,6 +645,8 @@ def val_loss_summary(records: RunRecords, settings: ReportSettings) -> dict[str,
         "train_at_best": loss_number(train_at_best),
         "train_last": loss_number(train_last),
         "train_fall_pct": r2(pct_change(train_at_best, train_last)) if fell else None,
+        # Both are medians of this many logged training losses up to the step (_train_loss_near).
+        "train_points": edge_points(len([p for p in records.train_losses if math.isfinite(p.value)])),
         "threshold_pct": settings.overfitting_rise_pct,
         "checkpoint_step": best.step,
         "checkpoint_epoch": epoch_index(best.epoch) if records.source_kind == PHI2TUTOR_RUN else None,

@@ -80,12 +80,15 @@ TEXT: dict[str, dict[str, str]] = {
         "grad_not_settled": "Not settled: the last epoch's median is above {factor} times the level of the last "
         "{tail}% of its values ({level})",
         "grad_last": "Last value: {value}",
+        "grad_too_few": "Only {n} values logged: too few to tell whether it settled",
         "lr": "Learning rate",
         "lr_peak": "Peak: {peak} at epoch {epoch} (step {step})",
         "lr_first_last": "First value {first}, last value {last} ({pct}% of the peak)",
         "lr_shape": "Schedule: {shape}",
-        "shape_constant": "constant",
-        "shape_warmup_constant": "warm-up over the first {warmup}% of the steps, then constant",
+        "shape_constant": "constant (every logged value within 10% of the peak)",
+        "shape_warmup_constant": "warm-up over the first {warmup}% of the steps, then within 10% of the peak",
+        "shape_warmup_rising": "warm-up: still rising at the last logged value",
+        "shape_too_few": "too few values logged to tell",
         "shape_warmup_cosine": "warm-up over the first {warmup}% of the steps, then cosine decay",
         "shape_warmup_linear": "warm-up over the first {warmup}% of the steps, then linear decay",
         "shape_warmup_decay": "warm-up over the first {warmup}% of the steps, then decay",
@@ -221,12 +224,16 @@ TEXT: dict[str, dict[str, str]] = {
         "grad_not_settled": "No se estabilizó: la mediana de la última época supera {factor} veces el nivel del "
         "último {tail}% de sus valores ({level})",
         "grad_last": "Último valor: {value}",
+        "grad_too_few": "Solo se registraron {n} valores: demasiado pocos para saber si se estabilizó",
         "lr": "Learning rate (tasa de aprendizaje)",
         "lr_peak": "Máximo: {peak} en la época {epoch} (paso {step})",
         "lr_first_last": "Primer valor {first}, último valor {last} (el {pct}% del máximo)",
         "lr_shape": "Programa: {shape}",
-        "shape_constant": "constante",
-        "shape_warmup_constant": "calentamiento durante el primer {warmup}% de los pasos y después constante",
+        "shape_constant": "constante (todos los valores registrados a menos de un 10% del máximo)",
+        "shape_warmup_constant": "calentamiento durante el primer {warmup}% de los pasos y después a menos de un "
+        "10% del máximo",
+        "shape_warmup_rising": "calentamiento: aún subía en el último valor registrado",
+        "shape_too_few": "demasiado pocos valores registrados para saberlo",
         "shape_warmup_cosine": "calentamiento durante el primer {warmup}% de los pasos y después decaimiento "
         "coseno",
         "shape_warmup_linear": "calentamiento durante el primer {warmup}% de los pasos y después decaimiento "
@@ -326,6 +333,7 @@ TEXT["en"].update(
         "loss_smoothed": "Smoothed final loss: {value} (median of the last {n} logged {points}, steps {a}-{b})",
         "point": "point",
         "points": "points",
+        "loss_reduction_last": "Observed change from the first logged loss to the last: {pct}% (positive: it fell)",
         "loss_reduction": "Observed change from the first logged loss: {pct}% to the last, {spct}% to the smoothed "
         "final loss (positive: it fell)",
         "last_median": "the median of its last {n} points",
@@ -352,6 +360,7 @@ TEXT["en"].update(
         "epoch_means": "Epoch means (complete epochs)",
         "epoch_col": "Epoch",
         "mean_col": "Mean loss",
+        "points_col": "Logged points",
         "partial_epoch": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged points); the "
         "epoch means leave it out.",
         "partial_epoch_one": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged point); the "
@@ -361,6 +370,8 @@ TEXT["en"].update(
         "{window} {units}; fine-tuning begins below {ft} and stabilization below {st} of the fastest rate, each "
         "only where the ending phase's fastest rate and its fall from it stand {z} standard errors above the "
         "curve's own noise (in log space).",
+        "window_from_length": "The run has no PhaseDetection options, so the window is a tenth of its {points} "
+        "points, kept between {low} and {high}.",
         "series_epoch_mean": "epoch mean loss",
         "series_logged": "logged training loss",
         "verdict_fell_steadily": "The loss fell steadily: no distinct phases (no slow-down stood above the noise).",
@@ -385,11 +396,15 @@ TEXT["en"].update(
         "nonfinite_line": "The {series} is {kind} from step {step} (epoch {epoch}) on: {count} of {of} logged values.",
         "val_loss": "Validation loss ({key}, {n} {evaluations}): first {first} (step {first_step}), best {best} "
         "(step {best_step}, epoch {best_epoch}), last {last} (step {last_step}, epoch {last_epoch})",
+        "val_loss_one": "Validation loss ({key}, 1 evaluation): {last} (step {last_step}, epoch {last_epoch})",
         "evaluation": "evaluation",
         "evaluations": "evaluations",
         "overfitting": "Overfitting: from step {step} (epoch {epoch}) the validation loss rose from {best} to {last} "
-        "(+{rise}%) while the training loss fell from {train_best} to {train_last} ({fall}%). The checkpoint to "
-        "keep is the one of step {step}.",
+        "(+{rise}%) while the training loss fell from {train_best} to {train_last} ({fall}%; medians of the {n} "
+        "logged points up to each step). The checkpoint of the lowest validation loss is the one of step {step}.",
+        "overfitting_one": "Overfitting: from step {step} (epoch {epoch}) the validation loss rose from {best} to "
+        "{last} (+{rise}%) while the training loss fell from {train_best} to {train_last} ({fall}%; the last "
+        "logged points up to each step). The checkpoint of the lowest validation loss is the one of step {step}.",
         "val_rising": "After its best (step {step}) the validation loss rose by {rise}% to {last}, and the training "
         "loss did not fall meanwhile.",
         "val_after_best": "After its best the validation loss changed by {rise}% (overfitting is named above "
@@ -426,10 +441,10 @@ TEXT["en"].update(
         "attention scores (model.attn_implementation phi2tutor_fp32_scores) or train in bf16-mixed or 32-true.",
         "rec_nonfinite_trainer": "The loss or the gradients became NaN/inf at step {step}: lower learning_rate, keep "
         "max_grad_norm at 1.0 or lower, and in fp16 compute attention scores in fp32 or use bf16=True instead.",
-        "rec_overfitting_phi2tutor": "Stop at the best validation epoch ({epoch}): keep its checkpoint with "
+        "rec_overfitting_phi2tutor": "Stop at the epoch of the lowest val/loss ({epoch}): keep its checkpoint with "
         "ModelCheckpoint(monitor='val/loss', mode='min'), stop with PlateauStopping on val/loss, or set "
         "trainer.max_epochs near {epoch}.",
-        "rec_overfitting_trainer": "Stop at the best evaluation (step {step}, epoch {epoch}): set "
+        "rec_overfitting_trainer": "Stop at the lowest eval_loss (step {step}, epoch {epoch}): set "
         "load_best_model_at_end=True with metric_for_best_model='eval_loss' (save_strategy equal to "
         "eval_strategy), add EarlyStoppingCallback, or lower num_train_epochs to about {epoch}.",
         "rec_val_rising_phi2tutor": "The validation loss rose after step {step}: look at the validation data "
@@ -494,6 +509,8 @@ TEXT["es"].update(
         "{a}-{b})",
         "point": "punto",
         "points": "puntos",
+        "loss_reduction_last": "Cambio observado desde la primera pérdida registrada hasta la última: {pct}% "
+        "(positivo: bajó)",
         "loss_reduction": "Cambio observado desde la primera pérdida registrada: {pct}% hasta la última, {spct}% "
         "hasta la pérdida final suavizada (positivo: bajó)",
         "last_median": "la mediana de sus últimos {n} puntos",
@@ -523,6 +540,7 @@ TEXT["es"].update(
         "epoch_means": "Medias por época (épocas completas)",
         "epoch_col": "Época",
         "mean_col": "Pérdida media",
+        "points_col": "Puntos registrados",
         "partial_epoch": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} puntos "
         "registrados); las medias por época la dejan fuera.",
         "partial_epoch_one": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} punto "
@@ -533,6 +551,8 @@ TEXT["es"].update(
         "estabilización por debajo de {st} de la mayor velocidad, cada una solo donde la mayor velocidad de la "
         "fase que termina y su caída desde ella superan en {z} errores típicos el ruido propio de la curva (en "
         "escala logarítmica).",
+        "window_from_length": "El entrenamiento no tiene opciones de PhaseDetection, así que la ventana es una "
+        "décima parte de sus {points} puntos, acotada entre {low} y {high}.",
         "series_epoch_mean": "pérdida media por época",
         "series_logged": "pérdida de entrenamiento registrada",
         "verdict_fell_steadily": "La pérdida bajó de forma continua: sin fases distintas (ninguna desaceleración "
@@ -559,11 +579,17 @@ TEXT["es"].update(
         "registrados.",
         "val_loss": "Pérdida de validación ({key}, {n} {evaluations}): primera {first} (paso {first_step}), mejor "
         "{best} (paso {best_step}, época {best_epoch}), última {last} (paso {last_step}, época {last_epoch})",
+        "val_loss_one": "Pérdida de validación ({key}, 1 evaluación): {last} (paso {last_step}, época {last_epoch})",
         "evaluation": "evaluación",
         "evaluations": "evaluaciones",
         "overfitting": "Sobreajuste: desde el paso {step} (época {epoch}) la pérdida de validación subió de {best} a "
-        "{last} (+{rise}%) mientras la de entrenamiento bajaba de {train_best} a {train_last} ({fall}%). El "
-        "checkpoint que conviene conservar es el del paso {step}.",
+        "{last} (+{rise}%) mientras la de entrenamiento bajaba de {train_best} a {train_last} ({fall}%; medianas "
+        "de los {n} puntos registrados hasta cada paso). El checkpoint de la menor pérdida de validación es el del "
+        "paso {step}.",
+        "overfitting_one": "Sobreajuste: desde el paso {step} (época {epoch}) la pérdida de validación subió de "
+        "{best} a {last} (+{rise}%) mientras la de entrenamiento bajaba de {train_best} a {train_last} ({fall}%; "
+        "los últimos puntos registrados hasta cada paso). El checkpoint de la menor pérdida de validación es el del "
+        "paso {step}.",
         "val_rising": "Tras su mejor valor (paso {step}) la pérdida de validación subió un {rise}% hasta {last}, y la "
         "de entrenamiento no bajó mientras tanto.",
         "val_after_best": "Tras su mejor valor la pérdida de validación cambió un {rise}% (se habla de sobreajuste "
@@ -600,11 +626,11 @@ TEXT["es"].update(
         "atención en fp32 (model.attn_implementation phi2tutor_fp32_scores) o entrena en bf16-mixed o 32-true.",
         "rec_nonfinite_trainer": "La pérdida o los gradientes se volvieron NaN/inf en el paso {step}: baja "
         "learning_rate, deja max_grad_norm en 1.0 o menos y, en fp16, calcula la atención en fp32 o usa bf16=True.",
-        "rec_overfitting_phi2tutor": "Detén el entrenamiento en la mejor época de validación ({epoch}): conserva su "
+        "rec_overfitting_phi2tutor": "Detén el entrenamiento en la época de menor val/loss ({epoch}): conserva su "
         "checkpoint con ModelCheckpoint(monitor='val/loss', mode='min'), detén con PlateauStopping sobre "
         "val/loss o fija trainer.max_epochs cerca de {epoch}.",
-        "rec_overfitting_trainer": "Detén el entrenamiento en la mejor evaluación (paso {step}, época {epoch}): "
-        "load_best_model_at_end=True con metric_for_best_model='eval_loss' (save_strategy igual a "
+        "rec_overfitting_trainer": "Detén el entrenamiento en la evaluación de menor eval_loss (paso {step}, época "
+        "{epoch}): fija load_best_model_at_end=True con metric_for_best_model='eval_loss' (save_strategy igual a "
         "eval_strategy), añade EarlyStoppingCallback o baja num_train_epochs a unas {epoch}.",
         "rec_val_rising_phi2tutor": "La pérdida de validación subió tras el paso {step}: revisa los datos de "
         "validación y model.learning_rate antes de entrenar más.",
@@ -733,7 +759,9 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
         lines.append(
             "- " + t["grad_peak"].format(peak=f(g["peak"]), epoch=g["peak_epoch"], step=g["peak_step"])
         )
-        if g["epochs"] >= 2:
+        if g["epochs"] >= 2 and not g.get("settling_judged", True):
+            lines.append("- " + counted(t, "grad_too_few", g["values_logged"]).format(n=g["values_logged"]))
+        elif g["epochs"] >= 2:
             key = "grad_settled" if g["settled_from_epoch"] is not None else "grad_not_settled"
             lines.append(
                 "- "
@@ -870,9 +898,10 @@ def _render_loss(loss: dict[str, Any], z: float, t: dict[str, str], f) -> list[s
             )
         )
     if loss["reduction_pct"] is not None and loss["points"] > 1:
+        # The smoothed final loss is named only where it is a median of several points.
+        key = "loss_reduction" if smoothed is not None and smoothed["points"] > 1 else "loss_reduction_last"
         lines.append(
-            "- "
-            + t["loss_reduction"].format(pct=f(loss["reduction_pct"]), spct=f(loss["smoothed_reduction_pct"]))
+            "- " + t[key].format(pct=f(loss["reduction_pct"]), spct=f(loss["smoothed_reduction_pct"]))
         )
     trend = loss["trend"]
     n = trend["edge_points"]
@@ -904,8 +933,13 @@ def _render_loss(loss: dict[str, Any], z: float, t: dict[str, str], f) -> list[s
         )
     lines.append("")
     if loss["epoch_means"]:
-        lines += [f"### {t['epoch_means']}", "", f"| {t['epoch_col']} | {t['mean_col']} |", "|---|---|"]
-        lines += [f"| {row['epoch']} | {f(row['loss'])} |" for row in loss["epoch_means"]]
+        lines += [f"### {t['epoch_means']}", ""]
+        if loss["epoch_means"][0].get("points") is not None:  # the mean of the logged points: how many
+            lines += [f"| {t['epoch_col']} | {t['mean_col']} | {t['points_col']} |", "|---|---|---|"]
+            lines += [f"| {r['epoch']} | {f(r['loss'])} | {r['points']} |" for r in loss["epoch_means"]]
+        else:
+            lines += [f"| {t['epoch_col']} | {t['mean_col']} |", "|---|---|"]
+            lines += [f"| {row['epoch']} | {f(row['loss'])} |" for row in loss["epoch_means"]]
         lines.append("")
     return lines
 
@@ -970,6 +1004,9 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
                 z=f(z),
             )
         )
+        if p.get("window_from") == "length" and p["points"] >= p["options"]["window"]:
+            low, high = p["length_window_bounds"]
+            lines.append(t["window_from_length"].format(points=p["points"], low=low, high=high))
     else:
         lines.append(t["phases_given"].format(boundaries=", ".join(str(b) for b in p["boundaries"])))
     if p["online_boundaries"]:
@@ -1047,12 +1084,13 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
         fields["n"] = val["evaluations"]
         fields["evaluations"] = t[plural(val["evaluations"], "evaluation", "evaluations")]
         fields["key"] = val["key"]
-        lines.append("- " + t["val_loss"].format(**fields))
+        lines.append("- " + counted(t, "val_loss", val["evaluations"]).format(**fields))
         if val["overfitting"]:
             o = val["overfitting"]
             lines.append(
                 "- "
-                + t["overfitting"].format(
+                + counted(t, "overfitting", o.get("train_points")).format(
+                    n=o.get("train_points"),
                     step=o["from_step"],
                     epoch=f(o["from_epoch"]),
                     best=f(o["best"]),
