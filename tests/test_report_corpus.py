@@ -209,3 +209,31 @@ def test_nan_loss_is_found_marked_and_report_json_stays_strict(tmp_path: Path) -
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "La pérdida de entrenamiento es NaN desde el paso 80" in markdown
     assert "max_grad_norm" in markdown and report["run_name"] == "diverged"
+
+
+def test_a_short_trainer_run_is_judged_with_a_window_of_its_size(tmp_path: Path) -> None:
+    # 30 epoch points, one per epoch: window 3 (a tenth), not 15, which could not end a phase before
+    # epoch 15. The loss falls to 0.0753 by epoch 9 and creeps to 0.0549 over the next 21.
+    state = json.loads((CORPUS / "many_epochs_one_entry_each.json").read_text())
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    report = write_report(CORPUS / "many_epochs_one_entry_each.json", tmp_path, draw_figures=False)
+    phases = report["phases"]
+    assert phases["options"]["window"] == 3 and phases["boundaries"] == [9]
+    assert [(p["first"], p["last"], p["end_loss"]) for p in phases["phases"]] == [
+        (1, 9, round(losses[8], 4)),
+        (10, 30, round(losses[-1], 4)),
+    ]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "the window is a tenth of its 30 points, kept between 3 and 15" in markdown
+
+
+def test_too_few_values_say_nothing_about_settling_or_the_schedule(tmp_path: Path) -> None:
+    # 3 grad norms (3.79, 3.93, 5.93) and 3 rising learning rates: neither "settled" nor "then constant".
+    report = write_report(CORPUS / "flat_at_chance_three_class.json", tmp_path, draw_figures=False)
+    assert report["grad_norm"]["settled_from_epoch"] is None and not report["grad_norm"]["settling_judged"]
+    assert report["learning_rate"]["shape"] == "warmup_rising"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "Only 3 values logged: too few to tell whether it settled" in markdown
+    assert "Schedule: warm-up: still rising at the last logged value" in markdown
+    single = write_report(CORPUS / "single_entry.json", tmp_path / "single", draw_figures=False)
+    assert single["learning_rate"]["shape"] == "too_few"
