@@ -344,3 +344,17 @@ def test_noise_after_a_fast_fall_is_not_a_further_phase(seed):
     analysis = detect_phases([2.0 * 0.5**epoch for epoch in range(8)] + list(flat), window=5)
 
     assert analysis.boundaries == (11,)
+
+
+def test_a_fall_within_the_first_tenth_is_a_fall_from_the_first_point():
+    import numpy as np
+
+    # 0.83, 0.49, then 58 points of 5% noise around 0.16: the first tenth's median is already at the end
+    # level, but the first point stands far above it.
+    flat = list(0.16 * (1 + 0.05 * np.random.default_rng(0).standard_normal(58)))
+    trend = describe_trend([0.83, 0.49] + flat)
+    assert trend.kind == "fell" and trend.from_first and trend.first == 0.83
+    assert trend.change_pct == pytest.approx(100 * (0.83 - trend.tail) / 0.83)
+    assert trend.standard_errors > EVIDENCE_Z
+    # Without the fall it is flat, and the first point is not singled out.
+    assert describe_trend(flat).kind == "flat" and not describe_trend(flat).from_first

@@ -404,7 +404,7 @@ TEXT["en"].update(
         "logged points up to each step). The checkpoint of the lowest validation loss is the one of step {step}.",
         "overfitting_one": "Overfitting: from step {step} (epoch {epoch}) the validation loss rose from {best} to "
         "{last} (+{rise}%) while the training loss fell from {train_best} to {train_last} ({fall}%; the last "
-        "logged points up to each step). The checkpoint of the lowest validation loss is the one of step {step}.",
+        "logged point up to each step). The checkpoint of the lowest validation loss is the one of step {step}.",
         "val_rising": "After its best (step {step}) the validation loss rose by {rise}% to {last}, and the training "
         "loss did not fall meanwhile.",
         "val_after_best": "After its best the validation loss changed by {rise}% (overfitting is named above "
@@ -588,7 +588,7 @@ TEXT["es"].update(
         "paso {step}.",
         "overfitting_one": "Sobreajuste: desde el paso {step} (época {epoch}) la pérdida de validación subió de "
         "{best} a {last} (+{rise}%) mientras la de entrenamiento bajaba de {train_best} a {train_last} ({fall}%; "
-        "los últimos puntos registrados hasta cada paso). El checkpoint de la menor pérdida de validación es el del "
+        "el último punto registrado hasta cada paso). El checkpoint de la menor pérdida de validación es el del "
         "paso {step}.",
         "val_rising": "Tras su mejor valor (paso {step}) la pérdida de validación subió un {rise}% hasta {last}, y la "
         "de entrenamiento no bajó mientras tanto.",
@@ -631,7 +631,7 @@ TEXT["es"].update(
         "val/loss o fija trainer.max_epochs cerca de {epoch}.",
         "rec_overfitting_trainer": "Detén el entrenamiento en la evaluación de menor eval_loss (paso {step}, época "
         "{epoch}): fija load_best_model_at_end=True con metric_for_best_model='eval_loss' (save_strategy igual a "
-        "eval_strategy), añade EarlyStoppingCallback o baja num_train_epochs a unas {epoch}.",
+        "eval_strategy), añade EarlyStoppingCallback o baja num_train_epochs a cerca de {epoch}.",
         "rec_val_rising_phi2tutor": "La pérdida de validación subió tras el paso {step}: revisa los datos de "
         "validación y model.learning_rate antes de entrenar más.",
         "rec_val_rising_trainer": "eval_loss subió tras el paso {step}: revisa los datos de evaluación y "
