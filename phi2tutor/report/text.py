@@ -104,6 +104,7 @@ TEXT: dict[str, dict[str, str]] = {
         "acc_trend_rising": "Trend: still rising at the end ({previous}% before, {last}% last)",
         "acc_trend_flat": "Trend: flat, the last {n} evaluations lie within {spread} points",
         "acc_trend_flat_one": "Trend: flat, the last {n} evaluations lie within {spread} point",
+        "acc_trend_flat_equal": "Trend: flat, the last {n} evaluations are equal ({last}%)",
         "acc_trend_falling": "Trend: falling, the last evaluation is below the best",
         "acc_trend_mixed": "Trend: mixed",
         "acc_trend_single": "Trend: one evaluation only",
@@ -251,6 +252,7 @@ TEXT: dict[str, dict[str, str]] = {
         "acc_trend_rising": "Tendencia: todavía al alza al final ({previous}% antes, {last}% en la última)",
         "acc_trend_flat": "Tendencia: estable, las últimas {n} evaluaciones caben en {spread} puntos",
         "acc_trend_flat_one": "Tendencia: estable, las últimas {n} evaluaciones caben en {spread} punto",
+        "acc_trend_flat_equal": "Tendencia: estable, las últimas {n} evaluaciones son iguales ({last}%)",
         "acc_trend_falling": "Tendencia: a la baja, la última evaluación queda por debajo de la mejor",
         "acc_trend_mixed": "Tendencia: irregular",
         "acc_trend_single": "Tendencia: solo hay una evaluación",
@@ -387,6 +389,10 @@ TEXT["en"].update(
         "phase_just_begun": "The {name} phase began {after}: {count} points logged since, too few (under the "
         "window of {window}) to describe it.",
         "phase_just_begun_one": "The {name} phase began {after}: {count} point logged since, too few (under the "
+        "window of {window}) to describe it.",
+        "phase_just_begun_epoch": "The {name} phase began {after}: {count} epochs since, too few (under the window "
+        "of {window}) to describe it.",
+        "phase_just_begun_epoch_one": "The {name} phase began {after}: {count} epoch since, too few (under the "
         "window of {window}) to describe it.",
         "phase_rose": "The loss rose within this phase.",
         "nonfinite": "NaN and inf",
@@ -570,6 +576,10 @@ TEXT["es"].update(
         "demasiado pocos (menos que la ventana de {window}) para describirla.",
         "phase_just_begun_one": "La fase de {name} empezó {after}: desde entonces hay {count} punto registrado, "
         "demasiado poco (menos que la ventana de {window}) para describirla.",
+        "phase_just_begun_epoch": "La fase de {name} empezó {after}: desde entonces hay {count} épocas, demasiado "
+        "pocas (menos que la ventana de {window}) para describirla.",
+        "phase_just_begun_epoch_one": "La fase de {name} empezó {after}: desde entonces hay {count} época, "
+        "demasiado poca (menos que la ventana de {window}) para describirla.",
         "phase_rose": "La pérdida subió dentro de esta fase.",
         "nonfinite": "NaN e infinitos",
         "nonfinite_loss": "pérdida de entrenamiento",
@@ -1045,9 +1055,11 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
         if phase.get("just_begun"):
             after = t[f"after_{p['unit']}"].format(n=p["boundaries"][phase["number"] - 2])
             lines += [
-                counted(t, "phase_just_begun", phase["points"]).format(
-                    name=name, after=after, count=phase["points"], window=p["options"]["window"]
-                ),
+                counted(
+                    t,
+                    "phase_just_begun_epoch" if p["unit"] == "epoch" else "phase_just_begun",
+                    phase["points"],
+                ).format(name=name, after=after, count=phase["points"], window=p["options"]["window"]),
                 "",
             ]
             continue
@@ -1124,7 +1136,11 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
         lines.append("- " + t["acc_last"].format(value=f(a["last"]), epoch=a["last_epoch"]))
         lines.append(
             "- "
-            + counted(t, f"acc_trend_{a['trend']}", a["recent_spread_points"]).format(
+            + (
+                t["acc_trend_flat_equal"]
+                if a["trend"] == "flat" and a["recent_spread_points"] == 0
+                else counted(t, f"acc_trend_{a['trend']}", a["recent_spread_points"])
+            ).format(
                 previous=f(a["previous_pct"]),
                 last=f(a["last"]),
                 n=a["recent_evaluations"],
