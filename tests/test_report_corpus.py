@@ -237,3 +237,20 @@ def test_too_few_values_say_nothing_about_settling_or_the_schedule(tmp_path: Pat
     assert "Schedule: warm-up: still rising at the last logged value" in markdown
     single = write_report(CORPUS / "single_entry.json", tmp_path / "single", draw_figures=False)
     assert single["learning_rate"]["shape"] == "too_few"
+
+
+def test_per_class_metrics_are_one_row_per_class_and_every_value_stays_in_report_json(tmp_path: Path) -> None:
+    state = json.loads((CORPUS / "overfitting_ner_eval_rising.json").read_text())
+    evals = [e for e in state["log_history"] if "eval_loss" in e]
+    f1 = [e["eval_T005_f1"] for e in evals if "eval_T005_f1" in e]
+    report = write_report(CORPUS / "overfitting_ner_eval_rising.json", tmp_path, draw_figures=False)
+    logged = {k for e in evals for k in e if k.startswith("eval_T")}
+    assert {m["name"] for m in report["validation"]["other_metrics"]} >= logged  # nothing dropped
+    groups = report["validation"]["metric_groups"]
+    assert groups["measures"] == ["f1", "number", "precision", "recall"]
+    assert groups["group_count"] == len({k.removeprefix("eval_").rsplit("_", 1)[0] for k in logged})
+    markdown = (tmp_path / "report.md").read_text()
+    number = evals[-1]["eval_T005_number"]
+    assert f"| T005 | {len(f1)} | {f1[-1]:.4g} ({min(f1):.4g}–{max(f1):.4g}) | {number} |" in markdown
+    assert "| eval_T005_f1 |" not in markdown and "| eval_overall_f1 |" in markdown
+    assert len(markdown.splitlines()) < 150  # a row per metric made it about 250 lines
