@@ -22,6 +22,7 @@ from phi2tutor.phases import (
     PhaseAnalysis,
     PhaseTracker,
     PhaseTransition,
+    rate_pct,
 )
 
 
@@ -29,7 +30,8 @@ class PhaseDetection(Callback):
     """Detect the run's learning phase online, from a logged metric, by the PhaseTracker rule.
 
     Every check (each train epoch end, or every ``check_every_n_steps`` optimizer steps) feeds the
-    monitored value to a ``phi2tutor.phases.PhaseTracker``, logs ``phase/index`` (0 rapid learning,
+    monitored value to a ``phi2tutor.phases.PhaseTracker`` (its rule, and the evidence test a boundary must
+    pass, are in phi2tutor/phases.py's docstring), logs ``phase/index`` (0 rapid learning,
     1 fine-tuning, 2 stabilization: the phase of the checked epoch, so the logged series matches the
     report's offline boundaries), and at a transition prints it and writes a TensorBoard text entry under
     ``phase/transitions``. The history lives in ``state_dict``, so a resumed run continues in its phase.
@@ -189,13 +191,14 @@ class PhaseDetection(Callback):
             began, per = f"began at epoch {transition.boundary + 1}", "epoch"
         else:
             began, per = f"began after step {transition.boundary}", "check"
+        moved = "fell" if self.mode == "min" else "rose"
         return (
             f"{transition.phase_name} {began}, {self.monitor} {transition.loss_at_boundary:.4f}: "
             f"{previous_name} lasted {self.unit}s {previous_first}-{transition.boundary}; over the last "
-            f"{self.window} checks {self.monitor} improved "
-            f"{100 * transition.improvement_rate:.2f}% per {per}, "
-            f"under {100 * transition.threshold:g}% of its fastest rate "
-            f"({100 * transition.peak_improvement_rate:.2f}% per {per})."
+            f"{self.window} checks {self.monitor} {moved} "
+            f"{rate_pct(transition.improvement_rate, self.mode):.2f}% per {per} (least-squares exponential), "
+            f"a log-rate under {100 * transition.threshold:g}% of its fastest "
+            f"({rate_pct(transition.peak_improvement_rate, self.mode):.2f}% per {per})."
         )
 
     def _first_position_of(self, phase_index: int) -> int:

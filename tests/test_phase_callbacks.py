@@ -205,7 +205,7 @@ def test_resuming_keeps_the_phase_and_the_window(tmp_path, resume_after_epoch):
     losses = short_run_losses()
     boundaries = detect_phases(losses, window=5).boundaries
     stop = predicted_stop(losses, 5, 0.01, stabilization_from=boundaries[1] + 1)
-    assert (boundaries, stop) == ((19, 39), 58)
+    assert (boundaries, stop) == ((20, 41), 58)
     # 30: resumed in fine-tuning, before stabilization is found. 55: resumed in stabilization, fewer than
     # `window` epochs before the stop, which a restarted (empty) history could not reach in time.
     assert boundaries[0] < 30 < boundaries[1] < 55 and stop - 55 < 5
@@ -283,7 +283,7 @@ def test_phase_detection_every_n_steps(tmp_path):
         [step_losses[s - 1] for s in checked_steps], checked_steps, window=5, unit="step"
     )
     assert phases.positions == checked_steps
-    assert [t.boundary for t in phases.transitions] == list(expected.boundaries) == [44, 106]
+    assert [t.boundary for t in phases.transitions] == list(expected.boundaries) == [46, 114]
     assert phases.analysis() == expected
     scalars, _ = read_events(Path(trainer.logger.log_dir))
     assert [value for _, value in scalars["phase/index"]] == [

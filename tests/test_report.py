@@ -118,11 +118,20 @@ def test_fit_report_numbers_come_from_the_event_files_and_run_json(reported_run:
     report = json.loads((reported_run / "report.json").read_text())
     epoch_losses = [value for _, value in scalars["train/loss_epoch"]]
     step_losses = scalars["train/loss"]
+    # Every optimizer step is logged (log_every_n_steps 1) and the 3 epochs have as many steps each: the
+    # k-th step of epoch e (1-based k) lies at epoch e - 1 + k / steps_per_epoch.
+    steps_per_epoch = len(step_losses) // 3
+    first_step = step_losses[0][0]
+    first_epoch = first_step // steps_per_epoch + (first_step % steps_per_epoch + 1) / steps_per_epoch
     assert report["loss"]["first"] == {
         "value": round(step_losses[0][1], 4),
-        "step": step_losses[0][0],
-        "epoch": report["loss"]["first"]["epoch"],
+        "step": first_step,
+        "epoch": round(first_epoch, 2),
     }
+    last_step = step_losses[-1][0]
+    assert report["loss"]["last"]["epoch"] == round(
+        last_step // steps_per_epoch + (last_step % steps_per_epoch + 1) / steps_per_epoch, 2
+    )
     assert report["general"]["final_loss"] == round(step_losses[-1][1], 4)
     assert [row["loss"] for row in report["loss"]["epoch_means"]] == [round(v, 4) for v in epoch_losses]
     # The phases are judged on the epoch means, the series PhaseDetection follows.
@@ -348,3 +357,66 @@ def test_chance_tolerance_setting_decides_the_named_chance_level() -> None:
     strict = ReportSettings(chance_tolerance_pct=0.5)
     report = build_report(records, settings=strict)
     assert report["phases"]["verdict"] == "flat" and report["phases"]["chance_classes"] is None
+
+
+def test_counts_of_one_are_singular_in_both_languages(tmp_path: Path) -> None:
+    # 7 flat losses (a tenth of them is 1 point), the last one alone in a partial second epoch, one
+    # evaluation without improvement (patience 1), a run of 60 seconds.
+    losses = [1.10, 1.09, 1.11, 1.10, 1.09, 1.10, 1.11]
+    log = [{"epoch": 0.15 * step, "loss": loss, "step": step} for step, loss in enumerate(losses, start=1)]
+    log[-1]["epoch"] = 1.05
+    log += [
+        {"epoch": 0.6, "eval_loss": 1.05, "step": 4},
+        {"epoch": 1.05, "eval_loss": 1.07, "step": 7},
+        {"epoch": 1.05, "step": 7, "train_loss": 1.1, "train_runtime": 60.0},
+    ]
+    state = {
+        "best_global_step": 4,
+        "best_metric": 1.05,
+        "epoch": 1.05,
+        "global_step": 7,
+        "max_steps": 100,
+        "num_train_epochs": 15,
+        "log_history": log,
+        "stateful_callbacks": {
+            "EarlyStoppingCallback": {
+                "args": {"early_stopping_patience": 1, "early_stopping_threshold": 0.0},
+                "attributes": {"early_stopping_patience_counter": 1},
+            },
+            "TrainerControl": {"args": {"should_training_stop": True}, "attributes": {}},
+        },
+    }
+    path = tmp_path / "one" / "trainer_state.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(state))
+    report = write_report(path, tmp_path / "en", draw_figures=False)
+    assert report["loss"]["trend"]["kind"] == "flat" and report["loss"]["trend"]["edge_points"] == 1
+    assert report["stop"]["metric"] == "eval_loss"
+    english = (tmp_path / "en" / "report.md").read_text()
+    for text in (
+        "1.05 of 15: 1 complete, the last (2) partial",
+        "(1 logged point)",
+        "(its first point: 1.1;",
+        "1 evaluation without improvement of eval_loss",
+        "| Duration | 1 minute (1 minute) |",
+    ):
+        assert text in english, text
+    write_report(path, tmp_path / "es", language="es", draw_figures=False)
+    spanish = (tmp_path / "es" / "report.md").read_text()
+    for text in (
+        "1.05 de 15: 1 completa, la última (2) parcial",
+        "(1 punto registrado)",
+        "(su primer punto: 1.1;",
+        "1 evaluación sin mejora de eval_loss",
+        "| Duración | 1 minuto (1 minuto) |",
+        "| Precisión | desconocida |",
+        "| Parámetros (contados en el modelo) | desconocidos |",
+    ):
+        assert text in spanish, text
+    for wrong in (
+        r"\b1 (points|evaluations|minutes|epochs)\b",
+        r"primeros 1\b",
+        r"últimos 1\b",
+        r"\b1 (puntos|evaluaciones|minutos|completas)\b",
+    ):
+        assert not re.search(wrong, english + spanish), wrong

@@ -37,6 +37,13 @@ from phi2tutor.report.records import (
 
 REPORT_SCHEMA_VERSION = 2
 
+MIN_LENGTH_WINDOW = 3
+"""The smallest phase window the report chooses by a series' length (a rate needs three points to be more
+than a difference of two)."""
+
+MIN_SETTLED_TAIL = 3
+"""Grad-norm values the tail needs before the report says whether the grad norm settled."""
+
 PHASE_NAME_KEYS = ("rapid_learning", "fine_tuning", "stabilization")
 
 # A report covers only part of a run when it ended this way: its numbers stop at the last logged step.
@@ -179,6 +186,10 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
             "points": len(in_partial),
         }
     positive = [p.value for p in finite if p.value > 0]
+    points_in: dict[int, int] = {}  # a Trainer run's epoch mean is the mean of its logged points: how many
+    if records.source_kind != PHI2TUTOR_RUN:
+        for point in records.train_losses:
+            points_in[epoch_index(point.epoch)] = points_in.get(epoch_index(point.epoch), 0) + 1
     return {
         "points": len(points),
         "nonfinite_points": len(points) - len(finite),
@@ -199,6 +210,9 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
         "mean": loss_number(statistics.fmean(p.value for p in finite)) if finite else None,
         "trend": {
             "kind": trend.kind,
+            # The change was measured from the first logged loss, the head median being within the noise.
+            "from_first": trend.from_first,
+            "first": loss_number(trend.first),
             "head": loss_number(trend.head),
             "tail": loss_number(trend.tail),
             "edge_points": trend.edge_points,
@@ -206,8 +220,15 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
             "change_pct": r2(trend.change_pct),
             "standard_error_pct": r2(trend.standard_error_pct),
             "standard_errors": round(trend.standard_errors, 1) if trend.standard_errors is not None else None,
+            # Its size, for sentences that already say the direction.
+            "standard_errors_abs": abs(round(trend.standard_errors, 1))
+            if trend.standard_errors is not None
+            else None,
         },
-        "epoch_means": [{"epoch": e, "loss": loss_number(v)} for e, v in complete]
+        "epoch_means": [
+            {"epoch": e, "loss": loss_number(v), "points": points_in.get(e) if points_in else None}
+            for e, v in complete
+        ]
         if len(complete) >= 2
         else None,
         "complete_epochs": len(complete),
@@ -252,7 +273,12 @@ def stop_section(records: RunRecords) -> dict[str, Any]:
     """Why the run stopped: run.json's reason (phi2tutor) or the state's (Trainer, records.py)."""
     stop = records.run_info.get("stop")
     if isinstance(stop, dict) and stop.get("reason"):
-        return {key: plain(value) if isinstance(value, float) else value for key, value in stop.items()}
+        # Stated as the report states numbers: an epoch to 2 decimals, a metric to 4 significant digits.
+        rounding = {"epoch": lambda v: round(v, 2), "best_metric": sig4}
+        return {
+            key: plain(rounding.get(key, lambda v: v)(value)) if isinstance(value, float) else value
+            for key, value in stop.items()
+        }
     max_epochs = config_value(records.config, "trainer", "max_epochs")
     if is_number(max_epochs) and (records.epochs_run or 0) >= max_epochs:
         return {"reason": "max_epochs", "epoch": max_epochs}
@@ -278,11 +304,14 @@ def phases_section(
     evidence of phases, the verdict says what the loss did instead."""
     unit, positions, values = analysed_series(records)
     options = {
-        "window": DEFAULT_PHASE_WINDOW,
+        "window": length_window(len(values)),
         "fine_tuning_below": DEFAULT_FINE_TUNING_BELOW,
         "stabilization_below": DEFAULT_STABILIZATION_BELOW,
         **(records.phase_options or {}),
     }
+    # The run's own PhaseDetection window when it had one (the boundaries found online are then the
+    # report's); otherwise one sized to the series, so a short run is not judged by a 15-point window.
+    window_from = "run" if "window" in (records.phase_options or {}) else "length"
     if boundaries is not None:
         try:
             analysis = summarize_phases(values, [int(b) for b in boundaries], positions, unit=unit)
@@ -329,6 +358,12 @@ def phases_section(
                     "share_of_total_reduction_pct": r2(share)
                     if total > 0 and math.isfinite(share) and 0.0 <= share <= 100.0
                     else None,
+                    # A detected last phase with fewer points than the window has begun, but the run ended
+                    # before it could be described (its numbers are two or three noisy points).
+                    "just_begun": method == "detected"
+                    and phase.index == len(analysis.phases) - 1
+                    and phase.index > 0
+                    and count < options["window"],
                 }
             )
     next_phase = (
@@ -348,6 +383,8 @@ def phases_section(
         "points": len(values),
         "began_after_last": next_phase,
         "options": options if method == "detected" else None,
+        "window_from": window_from if method == "detected" else None,
+        "length_window_bounds": [MIN_LENGTH_WINDOW, DEFAULT_PHASE_WINDOW],
         "boundaries": list(analysis.boundaries),
         "online_boundaries": records.online_phase_boundaries,
         "first_position": positions[0],
@@ -374,6 +411,12 @@ def phases_section(
             }
         )
     return result
+
+
+def length_window(points: int) -> int:
+    """The phase window for a series with no PhaseDetection options of its own: a tenth of its points,
+    between ``MIN_LENGTH_WINDOW`` and ``DEFAULT_PHASE_WINDOW``."""
+    return max(MIN_LENGTH_WINDOW, min(DEFAULT_PHASE_WINDOW, points // 10))
 
 
 def chance_classes(loss: float, tolerance_pct: float) -> int | None:
@@ -423,7 +466,10 @@ def grad_norm_section(records: RunRecords, settings: ReportSettings, notes: list
     for point in points:
         by_epoch.setdefault(epoch_index(point.epoch), []).append(point.value)
     settled_from = None
-    if len(by_epoch) >= 2:
+    # A level needs a few values to be one: with fewer in the tail (a run that logged 3 grad norms) the
+    # last value would be its own "settled level".
+    judged = len(by_epoch) >= 2 and len(tail) >= MIN_SETTLED_TAIL
+    if judged:
         for epoch in sorted(by_epoch, reverse=True):
             if statistics.median(by_epoch[epoch]) > settings.grad_norm_settle_factor * level:
                 break
@@ -435,6 +481,7 @@ def grad_norm_section(records: RunRecords, settings: ReportSettings, notes: list
         "settled_level": r4(level),
         "settled_from_epoch": settled_from,
         "epochs": len(by_epoch),
+        "settling_judged": judged,
         "tail_pct": settings.grad_norm_tail_pct,
         "settle_factor": settings.grad_norm_settle_factor,
         "last": r4(values[-1]),
@@ -456,8 +503,12 @@ def learning_rate_section(records: RunRecords, notes: list) -> dict[str, Any] | 
     rises = peak_index > 0 and values[0] < 0.9 * peak
     decays = values[-1] < 0.9 * peak
     decay_kind = _decay_kind(steps[peak_index:], values[peak_index:]) if decays else None
-    if rises and decays:
+    if len(values) < 3:
+        shape = "too_few"  # one or two values say nothing about a schedule
+    elif rises and decays:
         shape = f"warmup_{decay_kind}"
+    elif rises and peak_index == len(values) - 1:
+        shape = "warmup_rising"  # still rising at the last logged value: no end of the warm-up seen
     elif rises:
         shape = "warmup_constant"
     elif decays:
@@ -525,7 +576,31 @@ def validation_section(records: RunRecords, settings: ReportSettings, notes: lis
                 "lowest_step": lowest.step,
             }
         )
+    result["metric_groups"] = metric_groups([m["name"] for m in result["other_metrics"]])
     return result
+
+
+def metric_groups(names: Sequence[str], min_groups: int = 3) -> dict[str, Any] | None:
+    """Per-class metrics among ``names``: ``eval_<group>_<measure>`` where at least ``min_groups`` groups
+    log the same set of measures (a token classifier's eval_T005_f1, eval_T005_precision, ...). The report
+    shows them as one row per group instead of one row per metric; None when there are none."""
+    measures_of: dict[str, set[str]] = {}
+    for name in names:
+        rest = name.removeprefix("eval_")
+        if "_" in rest:
+            group, measure = rest.rsplit("_", 1)
+            measures_of.setdefault(group, set()).add(measure)
+    counts: dict[frozenset[str], int] = {}
+    for measures in measures_of.values():
+        if len(measures) >= 2:
+            counts[frozenset(measures)] = counts.get(frozenset(measures), 0) + 1
+    if not counts:
+        return None
+    shared, count = max(counts.items(), key=lambda item: (item[1], len(item[0])))
+    if count < min_groups:
+        return None
+    groups = sorted(group for group, measures in measures_of.items() if measures == shared)
+    return {"prefix": "eval_", "group_count": len(groups), "groups": groups, "measures": sorted(shared)}
 
 
 def val_loss_summary(records: RunRecords, settings: ReportSettings) -> dict[str, Any]:
@@ -570,6 +645,8 @@ def val_loss_summary(records: RunRecords, settings: ReportSettings) -> dict[str,
         "train_at_best": loss_number(train_at_best),
         "train_last": loss_number(train_last),
         "train_fall_pct": r2(pct_change(train_at_best, train_last)) if fell else None,
+        # Both are medians of this many logged training losses up to the step (_train_loss_near).
+        "train_points": edge_points(len([p for p in records.train_losses if math.isfinite(p.value)])),
         "threshold_pct": settings.overfitting_rise_pct,
         "checkpoint_step": best.step,
         "checkpoint_epoch": epoch_index(best.epoch) if records.source_kind == PHI2TUTOR_RUN else None,
@@ -809,7 +886,7 @@ def _late_trend(records: RunRecords) -> dict[str, Any] | None:
     if half < 5:
         return None
     trend = describe_trend(values[half:])
-    if trend.kind != "fell":
+    if trend.kind != "fell" or trend.from_first:  # a fall at the start of the half is not "still falling"
         return None
     count = trend.edge_points
     return {

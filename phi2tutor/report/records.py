@@ -305,7 +305,12 @@ def trainer_state_stop(state: dict[str, Any]) -> dict[str, Any]:
     if should_stop is False and not reached_max:
         return {"reason": "checkpoint", **common}
     if is_number(patience) and is_number(counter) and counter >= patience and not reached_max:
-        return {"reason": "early_stopping", "callback": "EarlyStoppingCallback", **common}
+        return {
+            "reason": "early_stopping",
+            "callback": "EarlyStoppingCallback",
+            **common,
+            **best_model_metric(state),
+        }
     if reached_max:
         return {"reason": "max_steps", **common}
     if should_stop is True:
@@ -313,6 +318,32 @@ def trainer_state_stop(state: dict[str, Any]) -> dict[str, Any]:
     if is_number(step) and is_number(max_steps) and max_steps > 0:
         return {"reason": "ended_before_max_steps", **common}
     return {"reason": "unknown", **common}
+
+
+def best_model_metric(state: dict[str, Any]) -> dict[str, Any]:
+    """The metric EarlyStoppingCallback watched (metric_for_best_model, which the state does not name): the
+    one eval metric whose value at ``best_global_step`` is the state's ``best_metric``. ``metric`` is None
+    when none or several match."""
+    best, best_step = state.get("best_metric"), state.get("best_global_step")
+    if not _is_finite(best):
+        return {"metric": None, "best_metric": None, "best_step": None}
+    matches = {
+        (key, entry.get("step"))
+        for entry in state.get("log_history") or []
+        if isinstance(entry, dict) and (best_step is None or entry.get("step") == best_step)
+        for key, value in entry.items()
+        if key.startswith("eval_") and key not in _EVAL_BOOKKEEPING and value == best
+    }
+    names = {key for key, _ in matches}
+    if len(names) != 1:
+        return {"metric": None, "best_metric": float(best), "best_step": best_step}
+    (name,) = names
+    steps = sorted(step for key, step in matches if step is not None)
+    return {
+        "metric": name,
+        "best_metric": float(best),
+        "best_step": best_step or (steps[0] if steps else None),
+    }
 
 
 def _trainer_run_name(path: Path) -> str:

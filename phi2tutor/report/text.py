@@ -44,6 +44,7 @@ TEXT: dict[str, dict[str, str]] = {
         "seconds": "{n} seconds",
         "second": "{n} second",
         "duration_value": "{parts} ({minutes} minutes)",
+        "duration_value_one": "{parts} ({minutes} minute)",
         "gpu": "{name}, {memory} MB, {sms} multiprocessors",
         "cuda_cores": " ({cores} CUDA cores)",
         "cpu": "CPU: {name}, {cores} cores",
@@ -79,12 +80,15 @@ TEXT: dict[str, dict[str, str]] = {
         "grad_not_settled": "Not settled: the last epoch's median is above {factor} times the level of the last "
         "{tail}% of its values ({level})",
         "grad_last": "Last value: {value}",
+        "grad_too_few": "Only {n} values logged: too few to tell whether it settled",
         "lr": "Learning rate",
         "lr_peak": "Peak: {peak} at epoch {epoch} (step {step})",
         "lr_first_last": "First value {first}, last value {last} ({pct}% of the peak)",
         "lr_shape": "Schedule: {shape}",
-        "shape_constant": "constant",
-        "shape_warmup_constant": "warm-up over the first {warmup}% of the steps, then constant",
+        "shape_constant": "constant (every logged value within 10% of the peak)",
+        "shape_warmup_constant": "warm-up over the first {warmup}% of the steps, then within 10% of the peak",
+        "shape_warmup_rising": "warm-up: still rising at the last logged value",
+        "shape_too_few": "too few values logged to tell",
         "shape_warmup_cosine": "warm-up over the first {warmup}% of the steps, then cosine decay",
         "shape_warmup_linear": "warm-up over the first {warmup}% of the steps, then linear decay",
         "shape_warmup_decay": "warm-up over the first {warmup}% of the steps, then decay",
@@ -99,6 +103,8 @@ TEXT: dict[str, dict[str, str]] = {
         "acc_last": "Last: {value}% at epoch {epoch}",
         "acc_trend_rising": "Trend: still rising at the end ({previous}% before, {last}% last)",
         "acc_trend_flat": "Trend: flat, the last {n} evaluations lie within {spread} points",
+        "acc_trend_flat_one": "Trend: flat, the last {n} evaluations lie within {spread} point",
+        "acc_trend_flat_equal": "Trend: flat, the last {n} evaluations are equal ({last}%)",
         "acc_trend_falling": "Trend: falling, the last evaluation is below the best",
         "acc_trend_mixed": "Trend: mixed",
         "acc_trend_single": "Trend: one evaluation only",
@@ -138,6 +144,8 @@ TEXT: dict[str, dict[str, str]] = {
         "epoch (ModelCheckpoint on val/answer_accuracy), or stop earlier.",
         "rec_truncated": "{count} training examples were cut at max_length {max_length}: their ends were never "
         "learned. Raise data.max_length or shorten those answers.",
+        "rec_truncated_one": "{count} training example was cut at max_length {max_length}: its end was never "
+        "learned. Raise data.max_length or shorten that answer.",
         "no_recommendations": "None: nothing in the records calls for a change.",
         "notes": "Notes",
         "note_no_memory": "No memory.json: the memory section is left out. Add callbacks.memory.GPUMemoryProfiler "
@@ -145,8 +153,6 @@ TEXT: dict[str, dict[str, str]] = {
         "note_no_config_for_planner": "No config.yaml in the run directory: the memory planner was not asked "
         "about a larger micro-batch.",
         "note_planner_failed": "The memory planner could not read the config: {error}",
-        "note_too_few_epochs_for_phases": "Only {epochs} epochs: the phase rule needs {window} before it can end "
-        "a phase, so the run is one phase.",
         "note_online_phases_differ": "The boundaries found during training ({online}) differ from the ones found "
         "now ({offline}): the run was resumed or its options changed.",
         "note_no_grad_norm": "No gradient norm was logged: its section is left out.",
@@ -184,6 +190,7 @@ TEXT: dict[str, dict[str, str]] = {
         "seconds": "{n} segundos",
         "second": "{n} segundo",
         "duration_value": "{parts} ({minutes} minutos)",
+        "duration_value_one": "{parts} ({minutes} minuto)",
         "gpu": "{name}, {memory} MB, {sms} multiprocesadores",
         "cuda_cores": " ({cores} núcleos CUDA)",
         "cpu": "CPU: {name}, {cores} núcleos",
@@ -219,12 +226,16 @@ TEXT: dict[str, dict[str, str]] = {
         "grad_not_settled": "No se estabilizó: la mediana de la última época supera {factor} veces el nivel del "
         "último {tail}% de sus valores ({level})",
         "grad_last": "Último valor: {value}",
+        "grad_too_few": "Solo se registraron {n} valores: demasiado pocos para saber si se estabilizó",
         "lr": "Learning rate (tasa de aprendizaje)",
         "lr_peak": "Máximo: {peak} en la época {epoch} (paso {step})",
         "lr_first_last": "Primer valor {first}, último valor {last} (el {pct}% del máximo)",
         "lr_shape": "Programa: {shape}",
-        "shape_constant": "constante",
-        "shape_warmup_constant": "calentamiento durante el primer {warmup}% de los pasos y después constante",
+        "shape_constant": "constante (todos los valores registrados a menos de un 10% del máximo)",
+        "shape_warmup_constant": "calentamiento durante el primer {warmup}% de los pasos y después a menos de un "
+        "10% del máximo",
+        "shape_warmup_rising": "calentamiento: aún subía en el último valor registrado",
+        "shape_too_few": "demasiado pocos valores registrados para saberlo",
         "shape_warmup_cosine": "calentamiento durante el primer {warmup}% de los pasos y después decaimiento "
         "coseno",
         "shape_warmup_linear": "calentamiento durante el primer {warmup}% de los pasos y después decaimiento "
@@ -241,6 +252,8 @@ TEXT: dict[str, dict[str, str]] = {
         "acc_last": "Última: {value}% en la época {epoch}",
         "acc_trend_rising": "Tendencia: todavía al alza al final ({previous}% antes, {last}% en la última)",
         "acc_trend_flat": "Tendencia: estable, las últimas {n} evaluaciones caben en {spread} puntos",
+        "acc_trend_flat_one": "Tendencia: estable, las últimas {n} evaluaciones caben en {spread} punto",
+        "acc_trend_flat_equal": "Tendencia: estable, las últimas {n} evaluaciones son iguales ({last}%)",
         "acc_trend_falling": "Tendencia: a la baja, la última evaluación queda por debajo de la mejor",
         "acc_trend_mixed": "Tendencia: irregular",
         "acc_trend_single": "Tendencia: solo hay una evaluación",
@@ -280,6 +293,8 @@ TEXT: dict[str, dict[str, str]] = {
         "de esa época (ModelCheckpoint sobre val/answer_accuracy) o detén antes el entrenamiento.",
         "rec_truncated": "{count} ejemplos de entrenamiento se cortaron en max_length {max_length}: su final nunca "
         "se aprendió. Sube data.max_length o acorta esas respuestas.",
+        "rec_truncated_one": "{count} ejemplo de entrenamiento se cortó en max_length {max_length}: su final nunca "
+        "se aprendió. Sube data.max_length o acorta esa respuesta.",
         "no_recommendations": "Ninguna: nada en los registros pide un cambio.",
         "notes": "Notas",
         "note_no_memory": "No hay memory.json: se omite la sección de memoria. Añade "
@@ -287,8 +302,6 @@ TEXT: dict[str, dict[str, str]] = {
         "note_no_config_for_planner": "No hay config.yaml en el directorio: no se consultó al planificador de "
         "memoria sobre un micro-lote mayor.",
         "note_planner_failed": "El planificador de memoria no pudo leer la configuración: {error}",
-        "note_too_few_epochs_for_phases": "Solo {epochs} épocas: la regla de fases necesita {window} para cerrar "
-        "una fase, así que todo el entrenamiento es una sola fase.",
         "note_online_phases_differ": "Los límites hallados durante el entrenamiento ({online}) no coinciden con "
         "los de ahora ({offline}): se reanudó el entrenamiento o cambiaron sus opciones.",
         "note_no_grad_norm": "No se registró la norma del gradiente: se omite su sección.",
@@ -307,6 +320,12 @@ TEXT["en"].update(
         "unit_steps": "steps",
         "epochs_value": "{run} of {max}",
         "epochs_partial": "{run} of {max}: {complete} complete, the last ({epoch}) partial ({fraction} of it)",
+        "at_epoch": "at epoch {n}",
+        "at_step": "at step {n}",
+        "after_last_epoch": "after the last epoch ({n})",
+        "after_last_step": "after the last step ({n})",
+        "after_epoch": "after epoch {n}",
+        "after_step": "after step {n}",
         "coverage": "This report covers the run up to step {step} (epoch {epoch}) of max_steps {max}: {why}",
         "coverage_checkpoint": "the state was saved while the run was still going.",
         "coverage_other": "the records end there.",
@@ -317,36 +336,65 @@ TEXT["en"].update(
         "loss_smoothed": "Smoothed final loss: {value} (median of the last {n} logged {points}, steps {a}-{b})",
         "point": "point",
         "points": "points",
+        "loss_reduction_last": "Observed change from the first logged loss to the last: {pct}% (positive: it fell)",
         "loss_reduction": "Observed change from the first logged loss: {pct}% to the last, {spct}% to the smoothed "
         "final loss (positive: it fell)",
-        "trend_fell": "The loss fell: the median of its last {n} {points} ({tail}) is {change}% below the median "
-        "of its first {n} ({head}), {z} standard errors beyond its noise ({noise}% per point).",
-        "trend_rose": "The loss rose: the median of its last {n} {points} ({tail}) is above the median of its "
-        "first {n} ({head}) by more than its noise allows.",
-        "trend_flat": "No learning: the loss stayed at {tail} within its noise from start to end (first {n} "
-        "{points}: {head}; change {change}%, under {z} standard errors of {se}%).",
-        "trend_too_few_points": "Only {count} logged {points}: too few to tell a trend from noise.",
+        "last_median": "the median of its last {n} points",
+        "last_median_one": "its last point",
+        "first_median": "the median of its first {n} points",
+        "first_median_one": "its first point",
+        "trend_fell": "The loss fell: {last} ({tail}) is {change}% below {first} ({head}), {z} standard errors "
+        "beyond its noise ({noise}% per point).",
+        "trend_rose": "The loss rose: {last} ({tail}) is above {first} ({head}) by more than its noise allows "
+        "({z} standard errors).",
+        "trend_fell_first": "The loss fell: {last} ({tail}) is {change}% below its first logged loss ({first_value}), "
+        "{z} standard errors beyond its noise ({noise}% per point); the fall came early: {first} is already "
+        "{head}.",
+        "trend_rose_first": "The loss rose: {last} ({tail}) is above its first logged loss ({first_value}) by more "
+        "than its noise allows ({z} standard errors); {first} is {head}.",
+        "trend_flat": "No learning: the loss stayed at {tail} within its noise from start to end ({first}: {head}, "
+        "its first logged loss {first_value}; change {change}%, {z} standard errors of {se}%, under the {need} "
+        "the test asks for).",
+        "trend_flat_one": "No learning: the loss stayed at {tail} within its noise from start to end (its first "
+        "point: {head}; change {change}%, {z} standard errors of {se}%, under the {need} the test asks for).",
+        "trend_too_few_points": "Only {count} logged points: too few to tell a trend from noise.",
+        "trend_too_few_points_one": "Only {count} logged point: too few to tell a trend from noise.",
         "chance": "{level} is ln {k}: the loss of a {k}-way classifier that guesses at chance.",
         "epoch_means": "Epoch means (complete epochs)",
         "epoch_col": "Epoch",
         "mean_col": "Mean loss",
-        "partial_epoch": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged {points}); the "
+        "points_col": "Logged points",
+        "partial_epoch": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged points); the "
+        "epoch means leave it out.",
+        "partial_epoch_one": "The last epoch ({epoch}) is partial: {fraction} of it ran ({count} logged point); the "
         "epoch means leave it out.",
         "phases_detected": "Phases looked for on the {series} by phi2tutor.phases, the rule the PhaseDetection "
-        "callback applies during training: window {window} {units}, fine-tuning begins below {ft} and "
-        "stabilization below {st} of the fastest improvement rate, each only where the rate and its fall "
-        "stand {z} standard errors above the curve's own noise.",
+        "callback applies during training: the improvement rate is the slope of the log loss over a window of "
+        "{window} {units}; fine-tuning begins below {ft} and stabilization below {st} of the fastest rate, each "
+        "only where the ending phase's fastest rate and its fall from it stand {z} standard errors above the "
+        "curve's own noise (in log space).",
+        "window_from_length": "The run has no PhaseDetection options, so the window is a tenth of its {points} "
+        "points, kept between {low} and {high}.",
         "series_epoch_mean": "epoch mean loss",
         "series_logged": "logged training loss",
         "verdict_fell_steadily": "The loss fell steadily: no distinct phases (no slow-down stood above the noise).",
         "verdict_flat": "No phases: the loss did not fall beyond its noise.",
         "verdict_rose": "No phases: the loss rose.",
         "verdict_too_few_points": "No phases: too few points to tell.",
-        "total_reduction": "Total loss reduction: {pct}% (from {start} at {unit} {first} to {end} at {unit} {last})",
-        "total_rise": "Total loss change: it rose by {pct}% (from {start} at {unit} {first} to {end} at {unit} {last})",
+        "total_reduction": "Total loss reduction: {pct}% (from {start} {at_first} to {end} {at_last})",
+        "total_rise": "Total loss change: it rose by {pct}% (from {start} {at_first} to {end} {at_last})",
         "phase_heading": "Phase {number}: {name} ({units} {first}-{last})",
-        "phase_began_at_end": "The {name} phase began after the last {unit} ({position}).",
+        "phase_began_at_end": "The {name} phase began {after}.",
         "phase_points": "{Units}: {count} ({pct}% of the run)",
+        "phase_points_step": "Logged points: {count} ({pct}% of the run's)",
+        "phase_just_begun": "The {name} phase began {after}: {count} points logged since, too few (under the "
+        "window of {window}) to describe it.",
+        "phase_just_begun_one": "The {name} phase began {after}: {count} point logged since, too few (under the "
+        "window of {window}) to describe it.",
+        "phase_just_begun_epoch": "The {name} phase began {after}: {count} epochs since, too few (under the window "
+        "of {window}) to describe it.",
+        "phase_just_begun_epoch_one": "The {name} phase began {after}: {count} epoch since, too few (under the "
+        "window of {window}) to describe it.",
         "phase_rose": "The loss rose within this phase.",
         "nonfinite": "NaN and inf",
         "nonfinite_loss": "training loss",
@@ -355,16 +403,26 @@ TEXT["en"].update(
         "nonfinite_line": "The {series} is {kind} from step {step} (epoch {epoch}) on: {count} of {of} logged values.",
         "val_loss": "Validation loss ({key}, {n} {evaluations}): first {first} (step {first_step}), best {best} "
         "(step {best_step}, epoch {best_epoch}), last {last} (step {last_step}, epoch {last_epoch})",
+        "val_loss_one": "Validation loss ({key}, 1 evaluation): {last} (step {last_step}, epoch {last_epoch})",
         "evaluation": "evaluation",
         "evaluations": "evaluations",
         "overfitting": "Overfitting: from step {step} (epoch {epoch}) the validation loss rose from {best} to {last} "
-        "(+{rise}%) while the training loss fell from {train_best} to {train_last} ({fall}%). The checkpoint to "
-        "keep is the one of step {step}.",
+        "(+{rise}%) while the training loss fell from {train_best} to {train_last} ({fall}%; medians of the {n} "
+        "logged points up to each step). The checkpoint of the lowest validation loss is the one of step {step}.",
+        "overfitting_one": "Overfitting: from step {step} (epoch {epoch}) the validation loss rose from {best} to "
+        "{last} (+{rise}%) while the training loss fell from {train_best} to {train_last} ({fall}%; the last "
+        "logged point up to each step). The checkpoint of the lowest validation loss is the one of step {step}.",
         "val_rising": "After its best (step {step}) the validation loss rose by {rise}% to {last}, and the training "
         "loss did not fall meanwhile.",
         "val_after_best": "After its best the validation loss changed by {rise}% (overfitting is named above "
         "{threshold}%).",
         "other_metrics": "Other evaluation metrics (as logged)",
+        "grouped_metrics": "Per-group evaluation metrics (as logged)",
+        "grouped_metrics_intro": "{count} groups log the same metrics ({pattern}): each metric's cell is its last "
+        "value, with the lowest and highest over the run in parentheses (one number: it never changed). First "
+        "values and the step of each value are in report.json.",
+        "last_at_step": "(the last at step {step})",
+        "group_col": "Group",
         "metric": "Metric",
         "first_col": "First (step)",
         "last_col": "Last (step)",
@@ -372,7 +430,11 @@ TEXT["en"].update(
         "highest_col": "Highest (step)",
         "stop_max_steps": "It finished: it reached max_steps ({step}).",
         "stop_early_stopping_trainer": "EarlyStoppingCallback stopped it at step {step} (epoch {epoch}): "
-        "{counter} evaluations without improvement of the metric for best model, its patience {patience}.",
+        "{counter} evaluations without improvement of {metric}, its patience {patience}.",
+        "stop_early_stopping_trainer_one": "EarlyStoppingCallback stopped it at step {step} (epoch {epoch}): "
+        "{counter} evaluation without improvement of {metric}, its patience {patience}.",
+        "es_metric": "{metric} (the metric for best model: best {best} at step {best_step})",
+        "es_metric_unknown": "the metric for best model (the state does not name it)",
         "stop_checkpoint": "It was still running: this state was saved at step {step} of max_steps {max_steps} "
         "(TrainerControl.should_training_stop is false).",
         "stop_stopped": "A callback stopped it at step {step} of max_steps {max_steps} (should_training_stop).",
@@ -386,10 +448,10 @@ TEXT["en"].update(
         "attention scores (model.attn_implementation phi2tutor_fp32_scores) or train in bf16-mixed or 32-true.",
         "rec_nonfinite_trainer": "The loss or the gradients became NaN/inf at step {step}: lower learning_rate, keep "
         "max_grad_norm at 1.0 or lower, and in fp16 compute attention scores in fp32 or use bf16=True instead.",
-        "rec_overfitting_phi2tutor": "Stop at the best validation epoch ({epoch}): keep its checkpoint with "
+        "rec_overfitting_phi2tutor": "Stop at the epoch of the lowest val/loss ({epoch}): keep its checkpoint with "
         "ModelCheckpoint(monitor='val/loss', mode='min'), stop with PlateauStopping on val/loss, or set "
         "trainer.max_epochs near {epoch}.",
-        "rec_overfitting_trainer": "Stop at the best evaluation (step {step}, epoch {epoch}): set "
+        "rec_overfitting_trainer": "Stop at the lowest eval_loss (step {step}, epoch {epoch}): set "
         "load_best_model_at_end=True with metric_for_best_model='eval_loss' (save_strategy equal to "
         "eval_strategy), add EarlyStoppingCallback, or lower num_train_epochs to about {epoch}.",
         "rec_val_rising_phi2tutor": "The validation loss rose after step {step}: look at the validation data "
@@ -407,13 +469,21 @@ TEXT["en"].update(
         "{remaining}% of the run's total reduction more (under {threshold}%, to {final}), so num_train_epochs "
         "{epoch} would have saved {saved} {epochs} ({saved_pct}% of the run).",
         "rec_still_improving_phi2tutor": "Train for longer: over the second half of the run ({unit}s {a}-{b}) the "
-        "loss still fell from {head} to {tail} ({change}%, medians of {n} {points}); raise trainer.max_epochs.",
+        "loss still fell from {head} to {tail} ({change}%, medians of {n} points); raise trainer.max_epochs.",
+        "rec_still_improving_phi2tutor_one": "Train for longer: over the second half of the run ({unit}s {a}-{b}) "
+        "the loss still fell from {head} to {tail} ({change}%, its first and last points there); raise "
+        "trainer.max_epochs.",
         "rec_still_improving_trainer": "Train for longer: over the second half of the run ({unit}s {a}-{b}) the "
-        "loss still fell from {head} to {tail} ({change}%, medians of {n} {points}); raise num_train_epochs "
+        "loss still fell from {head} to {tail} ({change}%, medians of {n} points); raise num_train_epochs "
         "(or max_steps).",
+        "rec_still_improving_trainer_one": "Train for longer: over the second half of the run ({unit}s {a}-{b}) "
+        "the loss still fell from {head} to {tail} ({change}%, its first and last points there); raise "
+        "num_train_epochs (or max_steps).",
         "note_no_memory_state": "The Trainer state holds no memory figures: the memory section is left out.",
         "note_too_few_points_for_phases": "Only {points} {unit} points: the phase rule needs {window} before it can "
         "end a phase.",
+        "note_too_few_points_for_phases_one": "Only {points} {unit} point: the phase rule needs {window} before it "
+        "can end a phase.",
         "note_no_validation": "No validation was logged (no validation loss, no eval metric): the validation "
         "section is left out.",
         "note_no_learning_rate": "No learning rate was logged: its section is left out.",
@@ -428,6 +498,13 @@ TEXT["es"].update(
         "unit_steps": "pasos",
         "epochs_value": "{run} de {max}",
         "epochs_partial": "{run} de {max}: {complete} completas, la última ({epoch}) parcial ({fraction} de ella)",
+        "epochs_partial_one": "{run} de {max}: {complete} completa, la última ({epoch}) parcial ({fraction} de ella)",
+        "at_epoch": "en la época {n}",
+        "at_step": "en el paso {n}",
+        "after_last_epoch": "después de la última época ({n})",
+        "after_last_step": "después del último paso ({n})",
+        "after_epoch": "después de la época {n}",
+        "after_step": "después del paso {n}",
         "coverage": "Este informe cubre el entrenamiento hasta el paso {step} (época {epoch}) de max_steps {max}: {why}",
         "coverage_checkpoint": "el estado se guardó con el entrenamiento aún en marcha.",
         "coverage_other": "los registros terminan ahí.",
@@ -439,26 +516,50 @@ TEXT["es"].update(
         "{a}-{b})",
         "point": "punto",
         "points": "puntos",
+        "loss_reduction_last": "Cambio observado desde la primera pérdida registrada hasta la última: {pct}% "
+        "(positivo: bajó)",
         "loss_reduction": "Cambio observado desde la primera pérdida registrada: {pct}% hasta la última, {spct}% "
         "hasta la pérdida final suavizada (positivo: bajó)",
-        "trend_fell": "La pérdida bajó: la mediana de sus últimos {n} {points} ({tail}) está un {change}% por "
-        "debajo de la de sus primeros {n} ({head}), {z} errores estándar más allá de su ruido ({noise}% por punto).",
-        "trend_rose": "La pérdida subió: la mediana de sus últimos {n} {points} ({tail}) supera la de sus "
-        "primeros {n} ({head}) más de lo que su ruido permite.",
-        "trend_flat": "Sin aprendizaje: la pérdida se quedó en {tail} dentro de su ruido de principio a fin "
-        "(primeros {n} {points}: {head}; cambio {change}%, menos de {z} errores típicos de {se}%).",
-        "trend_too_few_points": "Solo {count} {points} registrados: demasiado pocos para distinguir una tendencia "
-        "del ruido.",
+        "last_median": "la mediana de sus últimos {n} puntos",
+        "last_median_one": "su último punto",
+        "first_median": "la mediana de sus primeros {n} puntos",
+        "first_median_one": "su primer punto",
+        "trend_fell": "La pérdida bajó: {last} ({tail}) queda un {change}% por debajo de {first} ({head}), {z} "
+        "errores típicos más allá de su ruido ({noise}% por punto).",
+        "trend_rose": "La pérdida subió: {last} ({tail}) supera {first} ({head}) más de lo que su ruido permite "
+        "({z} errores típicos).",
+        "trend_fell_first": "La pérdida bajó: {last} ({tail}) queda un {change}% por debajo de su primera pérdida "
+        "registrada ({first_value}), {z} errores típicos más allá de su ruido ({noise}% por punto); la caída llegó "
+        "pronto: {first} ya es {head}.",
+        "trend_rose_first": "La pérdida subió: {last} ({tail}) supera su primera pérdida registrada ({first_value}) "
+        "más de lo que su ruido permite ({z} errores típicos); {first} es {head}.",
+        "trend_flat": "Sin aprendizaje: la pérdida se quedó en {tail} dentro de su ruido de principio a fin ({first}: "
+        "{head}; su primera pérdida registrada: {first_value}; cambio del {change}%, {z} errores típicos de {se}%, "
+        "menos de los {need} que pide la prueba).",
+        "trend_flat_one": "Sin aprendizaje: la pérdida se quedó en {tail} dentro de su ruido de principio a fin (su "
+        "primer punto: {head}; cambio del {change}%, {z} errores típicos de {se}%, menos de los {need} que pide la "
+        "prueba).",
+        "trend_too_few_points": "Solo {count} puntos registrados: demasiado pocos para distinguir una tendencia del "
+        "ruido.",
+        "trend_too_few_points_one": "Solo {count} punto registrado: demasiado poco para distinguir una tendencia del "
+        "ruido.",
         "chance": "{level} es ln {k}: la pérdida de un clasificador de {k} clases que acierta al azar.",
         "epoch_means": "Medias por época (épocas completas)",
         "epoch_col": "Época",
         "mean_col": "Pérdida media",
-        "partial_epoch": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} {points} "
+        "points_col": "Puntos registrados",
+        "partial_epoch": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} puntos "
         "registrados); las medias por época la dejan fuera.",
+        "partial_epoch_one": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} punto "
+        "registrado); las medias por época la dejan fuera.",
         "phases_detected": "Fases buscadas sobre la {series} con phi2tutor.phases, la misma regla que aplica el "
-        "callback PhaseDetection durante el entrenamiento: ventana de {window} {units}; el ajuste fino empieza "
-        "por debajo de {ft} y la estabilización por debajo de {st} de la mayor velocidad de mejora, cada una solo "
-        "donde la velocidad y su caída superan en {z} errores típicos el ruido propio de la curva.",
+        "callback PhaseDetection durante el entrenamiento: la velocidad de mejora es la pendiente del logaritmo "
+        "de la pérdida en una ventana de {window} {units}; el ajuste fino empieza por debajo de {ft} y la "
+        "estabilización por debajo de {st} de la mayor velocidad, cada una solo donde la mayor velocidad de la "
+        "fase que termina y su caída desde ella superan en {z} errores típicos el ruido propio de la curva (en "
+        "escala logarítmica).",
+        "window_from_length": "El entrenamiento no tiene opciones de PhaseDetection, así que la ventana es una "
+        "décima parte de sus {points} puntos, acotada entre {low} y {high}.",
         "series_epoch_mean": "pérdida media por época",
         "series_logged": "pérdida de entrenamiento registrada",
         "verdict_fell_steadily": "La pérdida bajó de forma continua: sin fases distintas (ninguna desaceleración "
@@ -466,13 +567,20 @@ TEXT["es"].update(
         "verdict_flat": "Sin fases: la pérdida no bajó más allá de su ruido.",
         "verdict_rose": "Sin fases: la pérdida subió.",
         "verdict_too_few_points": "Sin fases: demasiado pocos puntos para saberlo.",
-        "total_reduction": "Reducción total de la pérdida: {pct}% (de {start} en la {unit} {first} a {end} en la "
-        "{unit} {last})",
-        "total_rise": "Cambio total de la pérdida: subió un {pct}% (de {start} en la {unit} {first} a {end} en la "
-        "{unit} {last})",
+        "total_reduction": "Reducción total de la pérdida: {pct}% (de {start} {at_first} a {end} {at_last})",
+        "total_rise": "Cambio total de la pérdida: subió un {pct}% (de {start} {at_first} a {end} {at_last})",
         "phase_heading": "Fase {number}: {name} ({units} {first}-{last})",
-        "phase_began_at_end": "La fase de {name} empezó después de la última {unit} ({position}).",
+        "phase_began_at_end": "La fase de {name} empezó {after}.",
         "phase_points": "{Units}: {count} (el {pct}% del entrenamiento)",
+        "phase_points_step": "Puntos registrados: {count} (el {pct}% del total)",
+        "phase_just_begun": "La fase de {name} empezó {after}: desde entonces hay {count} puntos registrados, "
+        "demasiado pocos (menos que la ventana de {window}) para describirla.",
+        "phase_just_begun_one": "La fase de {name} empezó {after}: desde entonces hay {count} punto registrado, "
+        "demasiado poco (menos que la ventana de {window}) para describirla.",
+        "phase_just_begun_epoch": "La fase de {name} empezó {after}: desde entonces hay {count} épocas, demasiado "
+        "pocas (menos que la ventana de {window}) para describirla.",
+        "phase_just_begun_epoch_one": "La fase de {name} empezó {after}: desde entonces hay {count} época, "
+        "demasiado poca (menos que la ventana de {window}) para describirla.",
         "phase_rose": "La pérdida subió dentro de esta fase.",
         "nonfinite": "NaN e infinitos",
         "nonfinite_loss": "pérdida de entrenamiento",
@@ -482,16 +590,28 @@ TEXT["es"].update(
         "registrados.",
         "val_loss": "Pérdida de validación ({key}, {n} {evaluations}): primera {first} (paso {first_step}), mejor "
         "{best} (paso {best_step}, época {best_epoch}), última {last} (paso {last_step}, época {last_epoch})",
+        "val_loss_one": "Pérdida de validación ({key}, 1 evaluación): {last} (paso {last_step}, época {last_epoch})",
         "evaluation": "evaluación",
         "evaluations": "evaluaciones",
         "overfitting": "Sobreajuste: desde el paso {step} (época {epoch}) la pérdida de validación subió de {best} a "
-        "{last} (+{rise}%) mientras la de entrenamiento bajaba de {train_best} a {train_last} ({fall}%). El "
-        "checkpoint que conviene conservar es el del paso {step}.",
+        "{last} (+{rise}%) mientras la de entrenamiento bajaba de {train_best} a {train_last} ({fall}%; medianas "
+        "de los {n} puntos registrados hasta cada paso). El checkpoint de la menor pérdida de validación es el del "
+        "paso {step}.",
+        "overfitting_one": "Sobreajuste: desde el paso {step} (época {epoch}) la pérdida de validación subió de "
+        "{best} a {last} (+{rise}%) mientras la de entrenamiento bajaba de {train_best} a {train_last} ({fall}%; "
+        "el último punto registrado hasta cada paso). El checkpoint de la menor pérdida de validación es el del "
+        "paso {step}.",
         "val_rising": "Tras su mejor valor (paso {step}) la pérdida de validación subió un {rise}% hasta {last}, y la "
         "de entrenamiento no bajó mientras tanto.",
         "val_after_best": "Tras su mejor valor la pérdida de validación cambió un {rise}% (se habla de sobreajuste "
         "por encima del {threshold}%).",
         "other_metrics": "Otras métricas de evaluación (tal como se registraron)",
+        "grouped_metrics": "Métricas de evaluación por grupo (tal como se registraron)",
+        "grouped_metrics_intro": "{count} grupos registran las mismas métricas ({pattern}): la celda de cada "
+        "métrica es su último valor, con el mínimo y el máximo del entrenamiento entre paréntesis (un solo número: "
+        "no cambió nunca). Los primeros valores y el paso de cada valor están en report.json.",
+        "last_at_step": "(la última en el paso {step})",
+        "group_col": "Grupo",
         "metric": "Métrica",
         "first_col": "Primera (paso)",
         "last_col": "Última (paso)",
@@ -499,7 +619,11 @@ TEXT["es"].update(
         "highest_col": "Máxima (paso)",
         "stop_max_steps": "Terminó: llegó a max_steps ({step}).",
         "stop_early_stopping_trainer": "EarlyStoppingCallback lo detuvo en el paso {step} (época {epoch}): "
-        "{counter} evaluaciones sin mejora de la métrica del mejor modelo, con paciencia {patience}.",
+        "{counter} evaluaciones sin mejora de {metric}, con paciencia {patience}.",
+        "stop_early_stopping_trainer_one": "EarlyStoppingCallback lo detuvo en el paso {step} (época {epoch}): "
+        "{counter} evaluación sin mejora de {metric}, con paciencia {patience}.",
+        "es_metric": "{metric} (la métrica del mejor modelo: la mejor, {best}, en el paso {best_step})",
+        "es_metric_unknown": "la métrica del mejor modelo (el estado no dice cuál es)",
         "stop_checkpoint": "Seguía en marcha: este estado se guardó en el paso {step} de max_steps {max_steps} "
         "(TrainerControl.should_training_stop es false).",
         "stop_stopped": "Un callback lo detuvo en el paso {step} de max_steps {max_steps} (should_training_stop).",
@@ -513,12 +637,12 @@ TEXT["es"].update(
         "atención en fp32 (model.attn_implementation phi2tutor_fp32_scores) o entrena en bf16-mixed o 32-true.",
         "rec_nonfinite_trainer": "La pérdida o los gradientes se volvieron NaN/inf en el paso {step}: baja "
         "learning_rate, deja max_grad_norm en 1.0 o menos y, en fp16, calcula la atención en fp32 o usa bf16=True.",
-        "rec_overfitting_phi2tutor": "Detén el entrenamiento en la mejor época de validación ({epoch}): conserva su "
+        "rec_overfitting_phi2tutor": "Detén el entrenamiento en la época de menor val/loss ({epoch}): conserva su "
         "checkpoint con ModelCheckpoint(monitor='val/loss', mode='min'), detén con PlateauStopping sobre "
         "val/loss o fija trainer.max_epochs cerca de {epoch}.",
-        "rec_overfitting_trainer": "Detén el entrenamiento en la mejor evaluación (paso {step}, época {epoch}): "
-        "load_best_model_at_end=True con metric_for_best_model='eval_loss' (save_strategy igual a "
-        "eval_strategy), añade EarlyStoppingCallback o baja num_train_epochs a unas {epoch}.",
+        "rec_overfitting_trainer": "Detén el entrenamiento en la evaluación de menor eval_loss (paso {step}, época "
+        "{epoch}): fija load_best_model_at_end=True con metric_for_best_model='eval_loss' (save_strategy igual a "
+        "eval_strategy), añade EarlyStoppingCallback o baja num_train_epochs a cerca de {epoch}.",
         "rec_val_rising_phi2tutor": "La pérdida de validación subió tras el paso {step}: revisa los datos de "
         "validación y model.learning_rate antes de entrenar más.",
         "rec_val_rising_trainer": "eval_loss subió tras el paso {step}: revisa los datos de evaluación y "
@@ -534,18 +658,27 @@ TEXT["es"].update(
         "bajó un {remaining}% más de la reducción total (menos del {threshold}%, hasta {final}), así que "
         "num_train_epochs {epoch} habría ahorrado {saved} {epochs} (el {saved_pct}% del entrenamiento).",
         "rec_still_improving_phi2tutor": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó de "
-        "{head} a {tail} ({change}%, medianas de {n} {points}); sube trainer.max_epochs.",
+        "{head} a {tail} ({change}%, medianas de {n} puntos); sube trainer.max_epochs.",
+        "rec_still_improving_phi2tutor_one": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó "
+        "de {head} a {tail} ({change}%, de su primer a su último punto); sube trainer.max_epochs.",
         "rec_still_improving_trainer": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó de "
-        "{head} a {tail} ({change}%, medianas de {n} {points}); sube num_train_epochs (o max_steps).",
+        "{head} a {tail} ({change}%, medianas de {n} puntos); sube num_train_epochs (o max_steps).",
+        "rec_still_improving_trainer_one": "Entrenar más: en la segunda mitad ({unit}s {a}-{b}) la pérdida aún bajó "
+        "de {head} a {tail} ({change}%, de su primer a su último punto); sube num_train_epochs (o max_steps).",
         "note_no_memory_state": "El estado del Trainer no guarda cifras de memoria: se omite la sección de memoria.",
         "note_too_few_points_for_phases": "Solo {points} puntos por {unit}: la regla de fases necesita {window} para "
         "cerrar una fase.",
+        "note_too_few_points_for_phases_one": "Solo {points} punto por {unit}: la regla de fases necesita {window} "
+        "para cerrar una fase.",
         "note_no_validation": "No se registró validación (ni pérdida de validación ni métricas de evaluación): se "
         "omite la sección de validación.",
         "note_no_learning_rate": "No se registró el learning rate: se omite su sección.",
     }
 )
-TEXT["en"]["unknown_f"] = TEXT["en"]["unknown"]
+TEXT["es"]["unknown_mp"] = "desconocidos"
+TEXT["es"]["unknown_fp"] = "desconocidas"
+for _key in ("unknown_f", "unknown_mp", "unknown_fp"):
+    TEXT["en"][_key] = TEXT["en"]["unknown"]
 
 NUMBER_PATTERN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
 """A number in report text, not one inside a word (phi2tutor, version_0); tests compare report.md to report.json."""
@@ -553,6 +686,11 @@ NUMBER_PATTERN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
 
 def plural(count: Any, singular: str, many: str) -> str:
     return singular if count == 1 else many
+
+
+def counted(t: dict[str, str], key: str, count: Any) -> str:
+    """The wording ``key`` for ``count`` things: its ``_one`` form for exactly one, where it has one."""
+    return t.get(f"{key}_one", t[key]) if count == 1 else t[key]
 
 
 def fmt(value: Any, language: str = "en") -> str:
@@ -607,7 +745,7 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
             "",
         ]
     lines += _render_general(report["general"], t, f, language)
-    lines += _render_loss(report["loss"], t, f)
+    lines += _render_loss(report["loss"], report["evidence_z"], t, f)
     if report["memory"] is not None:
         lines += _render_memory(report["memory"], t, f)
     lines += _render_phases(report["phases"], report["evidence_z"], t, f)
@@ -632,7 +770,9 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
         lines.append(
             "- " + t["grad_peak"].format(peak=f(g["peak"]), epoch=g["peak_epoch"], step=g["peak_step"])
         )
-        if g["epochs"] >= 2:
+        if g["epochs"] >= 2 and not g.get("settling_judged", True):
+            lines.append("- " + counted(t, "grad_too_few", g["values_logged"]).format(n=g["values_logged"]))
+        elif g["epochs"] >= 2:
             key = "grad_settled" if g["settled_from_epoch"] is not None else "grad_not_settled"
             lines.append(
                 "- "
@@ -677,7 +817,7 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
             params = {key: value for key, value in note.items() if key != "key"}
             if "unit" in params:
                 params["unit"] = t[f"unit_{params['unit']}"]
-            lines.append("- " + t[f"note_{note['key']}"].format(**params))
+            lines.append("- " + counted(t, f"note_{note['key']}", note.get("points")).format(**params))
         lines.append("")
     return "\n".join(lines)
 
@@ -688,31 +828,39 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
         and g["epochs_run"] is not None
         and g["epochs_run"] != g["complete_epochs"]
     ):
-        epochs = t["epochs_partial"].format(
+        epochs = counted(t, "epochs_partial", g["complete_epochs"]).format(
             run=f(g["epochs_run"]),
             max=f(g["max_epochs"]),
             complete=g["complete_epochs"],
             epoch=g["complete_epochs"] + 1,
             fraction=f(round(g["epochs_run"] - int(g["epochs_run"]), 2)),
         )
+    elif g["max_epochs"] is None:
+        epochs = f(g["epochs_run"])
     else:
         epochs = t["epochs_value"].format(run=f(g["epochs_run"]), max=f(g["max_epochs"]))
+
+    def known(value: Any, unknown: str) -> str:
+        # "unknown" agrees with the row's noun in Spanish: Precisión desconocida, Parámetros desconocidos.
+        return t[unknown] if value is None else f(value)
+
+    steps = known(g["optimizer_steps"], "unknown_mp")
     rows = [
         (t["base_model"], f(g["base_model"])),
-        (t["parameters"], fmt_count(g["total_parameters"], language)),
+        (t["parameters"], fmt_count(g["total_parameters"], language).replace(t["unknown"], t["unknown_mp"])),
         (
             t["trainable"],
             t["trainable_value"].format(
                 count=fmt_count(g["trainable_parameters"], language), pct=f(g["trainable_pct"])
             )
             if g["trainable_parameters"] is not None
-            else t["unknown"],
+            else t["unknown_mp"],
         ),
         (t["hardware"], _render_hardware(g["hardware"], t, f)),
-        (t["precision"], f(g["precision"])),
-        (t["quantization"], f(g["quantization"])),
+        (t["precision"], known(g["precision"], "unknown_f")),
+        (t["quantization"], known(g["quantization"], "unknown_f")),
         (t["epochs"], epochs),
-        (t["steps"], f(g["optimizer_steps"]) + (f" / max_steps {g['max_steps']}" if g["max_steps"] else "")),
+        (t["steps"], steps + (f" / max_steps {g['max_steps']}" if g["max_steps"] else "")),
     ]
     if g["started_at"] is not None:
         rows.append((t["started"], f"{g['started_at']} / {f(g['ended_at'])}"))
@@ -725,7 +873,9 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
         rows.append(
             (
                 t["duration"],
-                t["duration_value"].format(parts=", ".join(parts), minutes=f(g["duration_minutes"])),
+                counted(t, "duration_value", g["duration_minutes"]).format(
+                    parts=", ".join(parts), minutes=f(g["duration_minutes"])
+                ),
             )
         )
     else:
@@ -737,7 +887,7 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
     return lines + [""]
 
 
-def _render_loss(loss: dict[str, Any], t: dict[str, str], f) -> list[str]:
+def _render_loss(loss: dict[str, Any], z: float, t: dict[str, str], f) -> list[str]:
     lines = [f"## {t['loss']}", ""]
     for key in ("first", "last", "last_finite"):
         point = loss[key]
@@ -759,23 +909,28 @@ def _render_loss(loss: dict[str, Any], t: dict[str, str], f) -> list[str]:
             )
         )
     if loss["reduction_pct"] is not None and loss["points"] > 1:
+        # The smoothed final loss is named only where it is a median of several points.
+        key = "loss_reduction" if smoothed is not None and smoothed["points"] > 1 else "loss_reduction_last"
         lines.append(
-            "- "
-            + t["loss_reduction"].format(pct=f(loss["reduction_pct"]), spct=f(loss["smoothed_reduction_pct"]))
+            "- " + t[key].format(pct=f(loss["reduction_pct"]), spct=f(loss["smoothed_reduction_pct"]))
         )
     trend = loss["trend"]
     n = trend["edge_points"]
+    key = f"trend_{trend['kind']}" + ("_first" if trend.get("from_first") else "")
+    count = loss["points"] if trend["kind"] == "too_few_points" else n
     lines.append(
         "- "
-        + t[f"trend_{trend['kind']}"].format(
-            n=n,
-            points=t[plural(n if trend["kind"] != "too_few_points" else loss["points"], "point", "points")],
+        + counted(t, key, count).format(
+            last=counted(t, "last_median", n).format(n=n),
+            first=counted(t, "first_median", n).format(n=n),
+            first_value=f(trend.get("first")),
             head=f(trend["head"]),
             tail=f(trend["tail"]),
             change=f(trend["change_pct"]),
-            z=f(trend["standard_errors"]),
+            z=f(trend.get("standard_errors_abs")),
             noise=f(trend["noise_pct"]),
             se=f(trend["standard_error_pct"]),
+            need=f(z),
             count=loss["points"],
         )
     )
@@ -783,17 +938,19 @@ def _render_loss(loss: dict[str, Any], t: dict[str, str], f) -> list[str]:
         p = loss["partial_epoch"]
         lines.append(
             "- "
-            + t["partial_epoch"].format(
-                epoch=p["epoch"],
-                fraction=f(p["fraction"]),
-                count=p["points"],
-                points=t[plural(p["points"], "point", "points")],
+            + counted(t, "partial_epoch", p["points"]).format(
+                epoch=p["epoch"], fraction=f(p["fraction"]), count=p["points"]
             )
         )
     lines.append("")
     if loss["epoch_means"]:
-        lines += [f"### {t['epoch_means']}", "", f"| {t['epoch_col']} | {t['mean_col']} |", "|---|---|"]
-        lines += [f"| {row['epoch']} | {f(row['loss'])} |" for row in loss["epoch_means"]]
+        lines += [f"### {t['epoch_means']}", ""]
+        if loss["epoch_means"][0].get("points") is not None:  # the mean of the logged points: how many
+            lines += [f"| {t['epoch_col']} | {t['mean_col']} | {t['points_col']} |", "|---|---|---|"]
+            lines += [f"| {r['epoch']} | {f(r['loss'])} | {r['points']} |" for r in loss["epoch_means"]]
+        else:
+            lines += [f"| {t['epoch_col']} | {t['mean_col']} |", "|---|---|"]
+            lines += [f"| {row['epoch']} | {f(row['loss'])} |" for row in loss["epoch_means"]]
         lines.append("")
     return lines
 
@@ -844,7 +1001,7 @@ def _render_memory(m: dict[str, Any], t: dict[str, str], f) -> list[str]:
 
 
 def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[str]:
-    unit, units = t[f"unit_{p['unit']}"], t[f"unit_{p['unit']}s"]
+    units = t[f"unit_{p['unit']}s"]
     lines = [f"## {t['phases']}", ""]
     if p["method"] == "detected":
         o = p["options"]
@@ -858,6 +1015,9 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
                 z=f(z),
             )
         )
+        if p.get("window_from") == "length" and p["points"] >= p["options"]["window"]:
+            low, high = p["length_window_bounds"]
+            lines.append(t["window_from_length"].format(points=p["points"], low=low, high=high))
     else:
         lines.append(t["phases_given"].format(boundaries=", ".join(str(b) for b in p["boundaries"])))
     if p["online_boundaries"]:
@@ -865,12 +1025,12 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
     elif p["online_boundaries"] is not None:
         lines.append(t["phases_online_none"])
     lines.append("")
+    at = t[f"at_{p['unit']}"]  # "en la época 1", "en el paso 25": the article agrees with the unit
     span = {
         "start": f(p["start_loss"]),
         "end": f(p["end_loss"]),
-        "first": p["first_position"],
-        "last": p["last_position"],
-        "unit": unit,
+        "at_first": at.format(n=p["first_position"]),
+        "at_last": at.format(n=p["last_position"]),
     }
     if p["total_reduction_pct"] is not None and p["points"] > 1:
         if p["total_reduction_pct"] >= 0:
@@ -886,12 +1046,24 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
     if p.get("began_after_last"):
         lines += [
             t["phase_began_at_end"].format(
-                name=t[f"phase_{p['began_after_last']}"], unit=unit, position=p["last_position"]
+                name=t[f"phase_{p['began_after_last']}"],
+                after=t[f"after_last_{p['unit']}"].format(n=p["last_position"]),
             ),
             "",
         ]
     for phase in p["phases"]:
         name = t[f"phase_{phase['name']}"]
+        if phase.get("just_begun"):
+            after = t[f"after_{p['unit']}"].format(n=p["boundaries"][phase["number"] - 2])
+            lines += [
+                counted(
+                    t,
+                    "phase_just_begun_epoch" if p["unit"] == "epoch" else "phase_just_begun",
+                    phase["points"],
+                ).format(name=name, after=after, count=phase["points"], window=p["options"]["window"]),
+                "",
+            ]
+            continue
         lines += [
             "### "
             + t["phase_heading"].format(
@@ -906,9 +1078,10 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
             lines.append("- " + t["share"].format(value=f(phase["share_of_total_reduction_pct"])))
         elif (phase["improvement_pct"] or 0) < 0:
             lines.append("- " + t["phase_rose"])
+        points_key = "phase_points_step" if p["unit"] == "step" else "phase_points"
         lines += [
             "- "
-            + t["phase_points"].format(
+            + t[points_key].format(
                 Units=units.capitalize(), count=phase["points"], pct=f(phase["points_share_pct"])
             ),
             "",
@@ -924,12 +1097,13 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
         fields["n"] = val["evaluations"]
         fields["evaluations"] = t[plural(val["evaluations"], "evaluation", "evaluations")]
         fields["key"] = val["key"]
-        lines.append("- " + t["val_loss"].format(**fields))
+        lines.append("- " + counted(t, "val_loss", val["evaluations"]).format(**fields))
         if val["overfitting"]:
             o = val["overfitting"]
             lines.append(
                 "- "
-                + t["overfitting"].format(
+                + counted(t, "overfitting", o.get("train_points")).format(
+                    n=o.get("train_points"),
                     step=o["from_step"],
                     epoch=f(o["from_epoch"]),
                     best=f(o["best"]),
@@ -963,7 +1137,11 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
         lines.append("- " + t["acc_last"].format(value=f(a["last"]), epoch=a["last_epoch"]))
         lines.append(
             "- "
-            + t[f"acc_trend_{a['trend']}"].format(
+            + (
+                t["acc_trend_flat_equal"]
+                if a["trend"] == "flat" and a["recent_spread_points"] == 0
+                else counted(t, f"acc_trend_{a['trend']}", a["recent_spread_points"])
+            ).format(
                 previous=f(a["previous_pct"]),
                 last=f(a["last"]),
                 n=a["recent_evaluations"],
@@ -971,7 +1149,14 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
             )
         )
         lines.append("")
-    if v["other_metrics"]:
+    groups = v.get("metric_groups")
+    grouped = (
+        {f"{groups['prefix']}{g}_{m}" for g in groups["groups"] for m in groups["measures"]}
+        if groups
+        else set()
+    )
+    single = [m for m in v["other_metrics"] if m["name"] not in grouped]
+    if single:
         lines += [
             f"### {t['other_metrics']}",
             "",
@@ -979,11 +1164,41 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
             f"{t['lowest_col']} | {t['highest_col']} |",
             "|---|---|---|---|---|---|",
         ]
-        for m in v["other_metrics"]:
+        for m in single:
             lines.append(
                 f"| {m['name']} | {m['evaluations']} | {f(m['first'])} ({m['first_step']}) | {f(m['last'])} "
                 f"({m['last_step']}) | {f(m['lowest'])} ({m['lowest_step']}) | {f(m['highest'])} ({m['highest_step']}) |"
             )
+        lines.append("")
+    if groups:
+        by_name = {m["name"]: m for m in v["other_metrics"]}
+        final_step = max(by_name[name]["last_step"] for name in grouped)
+        lines += [
+            f"### {t['grouped_metrics']}",
+            "",
+            t["grouped_metrics_intro"].format(
+                count=groups["group_count"],
+                pattern=f"{groups['prefix']}<{t['group_col'].lower()}>_<{'|'.join(groups['measures'])}>",
+            ),
+            "",
+            f"| {t['group_col']} | {t['evaluations'].capitalize()} | "
+            + " | ".join(groups["measures"])
+            + " |",
+            "|---|---|" + "---|" * len(groups["measures"]),
+        ]
+
+        def cell(m: dict[str, Any]) -> str:
+            if m["lowest"] == m["highest"]:
+                return f(m["last"])
+            return f"{f(m['last'])} ({f(m['lowest'])}–{f(m['highest'])})"
+
+        for group in groups["groups"]:
+            metrics = [by_name[f"{groups['prefix']}{group}_{m}"] for m in groups["measures"]]
+            evaluations = str(metrics[0]["evaluations"])
+            if metrics[0]["last_step"] != final_step:  # logged only at some evaluations
+                evaluations += " " + t["last_at_step"].format(step=metrics[0]["last_step"])
+            cells = [evaluations] + [cell(m) for m in metrics]
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -992,7 +1207,9 @@ def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
     reason = stop.get("reason", "unknown")
     if reason == "early_stopping" and "patience" in stop:
         reason = "early_stopping_trainer"
-    template = t.get(f"stop_{reason}", t["stop_unknown"])
+    template = counted(t, f"stop_{reason}", stop.get("patience_counter")) if f"stop_{reason}" in t else None
+    template = template or t["stop_unknown"]
+    metric = stop.get("metric")
     fields = {
         "epoch": f(stop.get("epoch")),
         "step": f(stop.get("step")),
@@ -1001,6 +1218,11 @@ def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
         "callback": stop.get("callback", t["unknown"]),
         "patience": f(stop.get("patience")),
         "counter": f(stop.get("patience_counter")),
+        "metric": t["es_metric"].format(
+            metric=metric, best=f(stop.get("best_metric")), best_step=f(stop.get("best_step"))
+        )
+        if metric
+        else t["es_metric_unknown"],
     }
     lines = [f"## {t['stop']}", "", "- " + template.format(**fields)]
     if stop.get("message"):
@@ -1032,7 +1254,7 @@ def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict
             saved_pct=f(item["epochs_saved_pct"]),
         )
     if kind == "still_improving":
-        return t[f"rec_still_improving_{tool}"].format(
+        return counted(t, f"rec_still_improving_{tool}", item["edge_points"]).format(
             unit=t[f"unit_{item['unit']}"],
             a=item["from_position"],
             b=item["to_position"],
@@ -1040,7 +1262,6 @@ def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict
             tail=f(item["tail"]),
             change=f(item["change_pct"]),
             n=item["edge_points"],
-            points=t[plural(item["edge_points"], "point", "points")],
         )
     if kind == "larger_micro_batch":
         return t["rec_larger_micro_batch"].format(
@@ -1059,5 +1280,7 @@ def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict
     if kind == "accuracy_falling":
         return t["rec_accuracy_falling"].format(epoch=item["best_epoch"])
     if kind == "truncated":
-        return t["rec_truncated"].format(count=item["count"], max_length=f(item["max_length"]))
+        return counted(t, "rec_truncated", item["count"]).format(
+            count=item["count"], max_length=f(item["max_length"])
+        )
     return t[f"rec_{kind}"]
