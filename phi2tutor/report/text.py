@@ -545,6 +545,25 @@ TEXT["es"].update(
     }
 )
 TEXT["en"]["unknown_f"] = TEXT["en"]["unknown"]
+# The accuracy section's calculator line (calculator-assisted decoding).
+TEXT["en"].update(
+    {
+        "acc_calculator_on": "Calculator: on (each `<<expression=` the tutor wrote was completed by "
+        "phi2tutor.calculator)",
+        "acc_calculator_counts": "; at the last evaluation (epoch {epoch}) it completed {calls} annotations, "
+        "{changed} of which changed the model's own tokens",
+        "acc_calculator_off": "Calculator: off (the answers are the model's own tokens)",
+    }
+)
+TEXT["es"].update(
+    {
+        "acc_calculator_on": "Calculadora: activada (phi2tutor.calculator completó cada `<<expresión=` que "
+        "escribió el tutor)",
+        "acc_calculator_counts": "; en la última evaluación (época {epoch}) completó {calls} anotaciones, "
+        "{changed} de ellas cambiaron los tokens del propio modelo",
+        "acc_calculator_off": "Calculadora: desactivada (las respuestas son los tokens del propio modelo)",
+    }
+)
 
 NUMBER_PATTERN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
 """A number in report text, not one inside a word (phi2tutor, version_0); tests compare report.md to report.json."""
@@ -969,6 +988,7 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
                 spread=f(a["recent_spread_points"]),
             )
         )
+        lines += _render_calculator(a.get("calculator"), t, f)
         lines.append("")
     if v["other_metrics"]:
         lines += [
@@ -985,6 +1005,22 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
             )
         lines.append("")
     return lines
+
+
+def _render_calculator(calculator: dict[str, Any] | None, t: dict[str, str], f) -> list[str]:
+    """The accuracy section's line on calculator-assisted decoding; none when the run does not say."""
+    if calculator is None:
+        return []
+    if not calculator["enabled"]:
+        return ["- " + t["acc_calculator_off"]]
+    line = t["acc_calculator_on"]
+    if calculator["last_calls"] is not None:
+        line += t["acc_calculator_counts"].format(
+            epoch=calculator["last_epoch"],
+            calls=calculator["last_calls"],
+            changed=f(calculator["last_changed"]),
+        )
+    return ["- " + line]
 
 
 def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
