@@ -77,3 +77,11 @@ def tiny_tutor_run(tmp_path_factory) -> Path:
     from tests.tutor_run import train_tiny_tutor
 
     return train_tiny_tutor(tmp_path_factory.mktemp("tutor"))
+
+
+@pytest.fixture(scope="session")
+def annotated_tutor_run(tmp_path_factory) -> Path:
+    """A tutor trained on calculator annotations (tests/tutor_run.py): the calculator tests and benchmarks'."""
+    from tests.tutor_run import train_annotated_tutor
+
+    return train_annotated_tutor(tmp_path_factory.mktemp("annotated_tutor"))
