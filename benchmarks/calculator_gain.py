@@ -22,6 +22,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -176,8 +177,45 @@ def grade_both_ways(adapter: Path, problems: list[dict[str, str]], max_new_token
             "seconds": seconds,
             "counts": tutor.last_calculator_counts,
             "sample": outputs[0],
+            "failures": failure_kinds(outputs, problems),
         }
     return results
+
+
+STEP = re.compile(r"^(\d+) ([-+*]) (\d+) = <<(-?[\d.]+[-+*][\d.]+)=(-?[\d.]+)>>(-?[\d.]+)$")
+
+
+def failure_kinds(outputs: list[str], problems: list[dict[str, str]]) -> Counter:
+    """Why each wrong answer is wrong, at the first line where it leaves the reference solution: a step with
+    another operation or other operands than the reference (reading the problem), an annotation whose
+    expression is not the step's left side (copying), an annotation result that is not the arithmetic's
+    (what the calculator fixes), a result not copied after ">>", a malformed step, or the final line."""
+    kinds: Counter = Counter()
+    for output, problem in zip(outputs, problems):
+        if grade(output, problem["answer"]).correct:
+            continue
+        reference, written = problem["answer"].splitlines(), output.splitlines()
+        kind = "answer of another length"
+        for line, expected in zip(written, reference):
+            if line == expected:
+                continue
+            if expected.startswith("####"):
+                kind = "final line is not the last result"
+                break
+            step, wanted = STEP.match(line), STEP.match(expected)
+            if step is None:
+                kind = "malformed step"
+            elif step.group(1, 2, 3) != wanted.group(1, 2, 3):
+                kind = "step with another operation or operands (reading the problem)"
+            elif step[4] != "".join(step.group(1, 2, 3)):
+                kind = "annotation's expression is not the step's (copying)"
+            elif evaluate(step[4]) != Fraction(step[5]):
+                kind = "annotation's result wrong (arithmetic)"
+            else:
+                kind = "result not copied after >>"
+            break
+        kinds[kind] += 1
+    return kinds
 
 
 def gsm8k_figures(path: Path) -> str:
@@ -254,6 +292,8 @@ def main() -> None:
             f"calculator {'on ' if side == 'with' else 'off'}: accuracy {r['accuracy']:.3f} "
             f"({r['correct']}/{len(problems)}), {r['seconds']:.1f} s{detail}\n  first answer: {r['sample']!r}"
         )
+        for kind, count in r["failures"].most_common():
+            print(f"  wrong, first off the reference at: {kind}: {count}")
     without, with_ = results["without"]["accuracy"], results["with"]["accuracy"]
     print(
         f"RESULT accuracy_without={without:.3f} accuracy_with={with_:.3f} gain_points={100 * (with_ - without):.1f}"
