@@ -1,6 +1,9 @@
 """Answer-evaluation throughput: TutorModule.generate (batched, left-padded, KV cache) against one question at
 a time through transformers' model.generate, same model, problems and greedy settings, alternated A B A B;
-and the share of a finished demo run's training time that MathAnswerEval took.
+and the share of a finished demo run's training time that MathAnswerEval took. With --calculator_adapter, the
+same comparison with the calculator on both sides (a tutor trained with calculator annotations, on the
+calculator benchmark's hard annotated problems): TutorModule.generate(calculator=True) against model.generate
+one question at a time with a CalculatorLogitsProcessor, and the same batched side with the calculator off.
 
 Model: phi2tutor/assets/tiny-phi-arith (the demo base) when it exists, else a small PhiForCausalLM built from
 a PhiConfig with the bundled tokenizer; both wrapped in a fresh LoRA as in training (zero effect on outputs).
@@ -8,9 +11,16 @@ Agreement: greedy decoding is deterministic, but a left-padded batch computes ea
 (padding, masked positions) than a lone question, so low-precision rounding can flip a near-tie and change
 a few tokens; the share of identical texts and of identical extracted answers is printed.
 
-Last line: RESULT batched_speedup=... eval_time_share_pct=... answer_agreement_pct=...
+RESULT batched_speedup=... eval_time_share_pct=... answer_agreement_pct=...
   batched_speedup: median over rounds of (problems/s batched) / (problems/s one at a time).
   eval_time_share_pct: 100 * sum of val/answer_eval_seconds / run.json duration_seconds (nan without a run).
+With --calculator_adapter, last line:
+RESULT calculator_batched_speedup=... calculator_calls_per_problem=... calculator_time_share_pct=...
+       calculator_answer_agreement_pct=...
+  calculator_batched_speedup: the same median ratio with the calculator on both sides (target > 5).
+  calculator_calls_per_problem: annotations the calculator completed per problem on the batched side.
+  calculator_time_share_pct: share of the batched side's generate time spent inside the calculator's logits
+    processor (median over rounds).
 """
 
 from __future__ import annotations
@@ -30,7 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from transformers import LogitsProcessorList  # noqa: E402
 
+from phi2tutor.calculator_decoding import CalculatorLogitsProcessor, equals_token_ids  # noqa: E402
 from phi2tutor.errors import Phi2TutorError  # noqa: E402
 from phi2tutor.events import event_files, read_scalars  # noqa: E402
 from phi2tutor.grading import extract_answer  # noqa: E402
@@ -59,6 +71,8 @@ class GenerationComparison:
     single_rates: list[float]
     batched_answers: list[str]
     single_answers: list[str]
+    calculator_calls: int | None = None
+    """Annotations the calculator completed in the last batched round (None: calculator off)."""
 
     @property
     def speedup(self) -> float:
@@ -118,6 +132,19 @@ def parse_args() -> argparse.Namespace:
         f"(here or in the repository) with {EVAL_SECONDS_KEY} in its events",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the problems and of a built model")
+    parser.add_argument(
+        "--calculator_adapter",
+        type=Path,
+        help="a tutor trained with calculator annotations (adapter or run directory, e.g. the adapter "
+        "benchmarks/calculator_gain.py --output_dir D saves under D/lightning_logs/version_0/adapter): also "
+        "measure the batched speedup with the calculator on, on that benchmark's hard annotated problems",
+    )
+    parser.add_argument(
+        "--calculator_max_new_tokens",
+        type=int,
+        default=120,
+        help="generation length with --calculator_adapter (the hard problems' annotated answers reach 84 tokens)",
+    )
     return parser.parse_args()
 
 
@@ -146,20 +173,35 @@ def held_out_questions(count: int, seed: int = 0) -> list[str]:
 
 
 def generate_batched(
-    module: TutorModule, questions: list[str], max_new_tokens: int, batch_size: int
+    module: TutorModule,
+    questions: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    calculator: bool = False,
 ) -> list[str]:
-    """Side A: what MathAnswerEval calls."""
-    return module.generate(questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    """Side A: what MathAnswerEval calls (TutorModule.generate)."""
+    return module.generate(
+        questions, max_new_tokens=max_new_tokens, batch_size=batch_size, calculator=calculator
+    )
 
 
 @torch.no_grad()
-def generate_one_at_a_time(module: TutorModule, questions: list[str], max_new_tokens: int) -> list[str]:
-    """Side B: transformers' generate on each prompt alone (no padding), same greedy settings and KV cache."""
+def generate_one_at_a_time(
+    module: TutorModule, questions: list[str], max_new_tokens: int, calculator: bool = False
+) -> list[str]:
+    """Side B: transformers' generate on each prompt alone (no padding), same greedy settings and KV cache;
+    with ``calculator``, the same CalculatorLogitsProcessor TutorModule.generate gives a batch."""
     tokenizer = module.tokenizer
+    equals_ids = equals_token_ids(tokenizer) if calculator else None
     answers = []
     for question in questions:
         prompt = format_prompt(module.hparams.prompt_template, question)
         encoded = tokenizer(prompt, return_tensors="pt").to(module.device)
+        processors = (
+            [CalculatorLogitsProcessor(tokenizer, encoded["input_ids"].shape[1], equals_ids)]
+            if calculator
+            else []
+        )
         output = module.model.generate(
             **encoded,
             max_new_tokens=max_new_tokens,
@@ -167,6 +209,7 @@ def generate_one_at_a_time(module: TutorModule, questions: list[str], max_new_to
             use_cache=True,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList(processors),
         )
         new_tokens = output[0, encoded["input_ids"].shape[1] :]
         answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
@@ -180,20 +223,23 @@ def compare_generation(
     batch_size: int = 32,
     rounds: int = 2,
     report: Callable[[str], None] | None = None,
+    calculator: bool = False,
 ) -> GenerationComparison:
-    """Both sides alternated (A B per round) after one untimed warm-up call each; rates in problems/s."""
-    generate_batched(module, questions[:2], max_new_tokens, batch_size)
-    generate_one_at_a_time(module, questions[:1], max_new_tokens)
+    """Both sides alternated (A B per round) after one untimed warm-up call each; rates in problems/s;
+    with ``calculator``, both sides decode with the calculator."""
+    generate_batched(module, questions[:2], max_new_tokens, batch_size, calculator)
+    generate_one_at_a_time(module, questions[:1], max_new_tokens, calculator)
     batched_rates: list[float] = []
     single_rates: list[float] = []
     batched_answers: list[str] = []
     single_answers: list[str] = []
     for round_index in range(rounds):
         started = time.perf_counter()
-        batched_answers = generate_batched(module, questions, max_new_tokens, batch_size)
+        batched_answers = generate_batched(module, questions, max_new_tokens, batch_size, calculator)
         batched_seconds = time.perf_counter() - started
+        counts = module.last_calculator_counts
         started = time.perf_counter()
-        single_answers = generate_one_at_a_time(module, questions, max_new_tokens)
+        single_answers = generate_one_at_a_time(module, questions, max_new_tokens, calculator)
         single_seconds = time.perf_counter() - started
         batched_rates.append(len(questions) / batched_seconds)
         single_rates.append(len(questions) / single_seconds)
@@ -202,7 +248,51 @@ def compare_generation(
                 f"  round {round_index + 1}: A batched {batched_rates[-1]:7.2f} problems/s ({batched_seconds:5.1f} s) | "
                 f"B one at a time {single_rates[-1]:7.2f} problems/s ({single_seconds:5.1f} s)"
             )
-    return GenerationComparison(batched_rates, single_rates, batched_answers, single_answers)
+    return GenerationComparison(
+        batched_rates,
+        single_rates,
+        batched_answers,
+        single_answers,
+        counts.calls if counts is not None else None,
+    )
+
+
+def calculator_time_share(
+    module: TutorModule, questions: list[str], max_new_tokens: int, batch_size: int, rounds: int
+) -> float:
+    """Median over rounds of the share (%) of batched generate time spent inside the calculator's logits
+    processor: its per-step Python, the decodes and the forcing, timed around each call."""
+    spent = [0.0]
+    original = CalculatorLogitsProcessor.__call__
+
+    def timed(self, input_ids, scores):
+        started = time.perf_counter()
+        try:
+            return original(self, input_ids, scores)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    shares = []
+    CalculatorLogitsProcessor.__call__ = timed
+    try:
+        for _ in range(rounds):
+            spent[0] = 0.0
+            started = time.perf_counter()
+            generate_batched(module, questions, max_new_tokens, batch_size, calculator=True)
+            shares.append(100.0 * spent[0] / (time.perf_counter() - started))
+    finally:
+        CalculatorLogitsProcessor.__call__ = original
+    return statistics.median(shares)
+
+
+def hard_annotated_questions(count: int) -> list[str]:
+    """The held-out test problems of benchmarks/calculator_gain.py (its defaults): what its tutor solves."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from calculator_gain import hard_problems
+
+    return [problem["question"] for problem in hard_problems(count)]
 
 
 def newest_run_with_eval(roots: list[Path]) -> Path | None:
@@ -293,7 +383,52 @@ def main() -> None:
         )
     print(
         f"RESULT batched_speedup={comparison.speedup:.2f} eval_time_share_pct={share_pct:.1f} "
-        f"answer_agreement_pct={100 * comparison.answer_agreement:.1f}"
+        f"answer_agreement_pct={100 * comparison.answer_agreement:.1f}",
+        flush=True,
+    )
+    if args.calculator_adapter is not None:
+        measure_with_calculator(args)
+
+
+def measure_with_calculator(args: argparse.Namespace) -> None:
+    """The comparison again with the calculator on both sides, on a tutor trained with annotations."""
+    from phi2tutor.tutor import load_tutor as load_trained_tutor
+
+    module = load_trained_tutor(args.calculator_adapter, device="cpu")
+    questions = hard_annotated_questions(args.num_problems)
+    max_new_tokens = args.calculator_max_new_tokens
+    print(
+        f"\ncalculator on: tutor {args.calculator_adapter} (its recorded calculator default: "
+        f"{'on' if module.calculator_enabled else 'off'}) | {len(questions)} hard annotated problems "
+        f"(benchmarks/calculator_gain.py's test split) | max_new_tokens {max_new_tokens} | A: "
+        f"TutorModule.generate(calculator=True) batch {args.batch_size} | B: model.generate one at a time with "
+        f"a CalculatorLogitsProcessor",
+        flush=True,
+    )
+    comparison = compare_generation(
+        module,
+        questions,
+        max_new_tokens,
+        args.batch_size,
+        args.rounds,
+        report=lambda line: print(line, flush=True),
+        calculator=True,
+    )
+    share_pct = calculator_time_share(module, questions, max_new_tokens, args.batch_size, args.rounds)
+    calls = comparison.calculator_calls or 0
+    print(
+        f"A batched        problems/s median {statistics.median(comparison.batched_rates):7.2f}\n"
+        f"B one at a time  problems/s median {statistics.median(comparison.single_rates):7.2f}\n"
+        f"batched speedup with the calculator (median of round ratios A/B): {comparison.speedup:.2f}  "
+        f"(target > 5)\ncalculator calls on side A: {calls} ({calls / len(questions):.2f} per problem); "
+        f"time inside the calculator's logits processor: {share_pct:.1f}% of side A\n"
+        f"agreement: identical texts {100 * comparison.text_agreement:.1f}%, identical extracted answers "
+        f"{100 * comparison.answer_agreement:.1f}%"
+    )
+    print(
+        f"RESULT calculator_batched_speedup={comparison.speedup:.2f} "
+        f"calculator_calls_per_problem={calls / len(questions):.2f} calculator_time_share_pct={share_pct:.1f} "
+        f"calculator_answer_agreement_pct={100 * comparison.answer_agreement:.1f}"
     )
 
 

@@ -202,6 +202,7 @@ class TrainingReport(Callback):
             "max_steps": trainer.max_steps,
             "global_step": trainer.global_step,
             "stop": stop,
+            "calculator": calculator_info(pl_module),
         }
         auto_batch = next((cb for cb in trainer.callbacks if isinstance(cb, AutoMicroBatch)), None)
         info["micro_batch"] = auto_batch.run_record(trainer) if auto_batch else batch_numbers(trainer)
@@ -216,6 +217,17 @@ class TrainingReport(Callback):
                 "boundaries": [transition.boundary for transition in detector.transitions],
             }
         return info
+
+
+def calculator_info(pl_module: pl.LightningModule) -> dict[str, bool] | None:
+    """Whether the run's answers (MathAnswerEval, validate, test) were decoded with the calculator, and
+    whether its training data carried calculator annotations; None for a module without the option."""
+    if not hasattr(pl_module, "calculator_enabled"):
+        return None
+    return {
+        "enabled": bool(pl_module.calculator_enabled),
+        "annotated_training_data": bool(getattr(pl_module, "trained_with_annotations", False)),
+    }
 
 
 def stop_reason(trainer: pl.Trainer) -> dict[str, Any]:

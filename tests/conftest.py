@@ -88,3 +88,11 @@ def lightning_messages(caplog):
     caplog.set_level(logging.INFO)
     yield caplog
     lightning_logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture(scope="session")
+def annotated_tutor_run(tmp_path_factory) -> Path:
+    """A tutor trained on calculator annotations (tests/tutor_run.py): the calculator tests and benchmarks'."""
+    from tests.tutor_run import train_annotated_tutor
+
+    return train_annotated_tutor(tmp_path_factory.mktemp("annotated_tutor"))

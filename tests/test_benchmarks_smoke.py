@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks: eval_throughput.py's comparison on a tiny model (both sides answer every
-problem, the speedup is a positive number), memory_phi2_cpu.py at a reduced width (its tables and RESULT
+problem, the speedup is a positive number) and with the calculator on a tutor trained with annotations (it
+fires, both sides' texts agree), memory_phi2_cpu.py at a reduced width (its tables and RESULT
 line, the planner within 10%), gpu_check.sh without CUDA. The timings are the benchmarks' business."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -43,10 +45,33 @@ def test_eval_throughput_comparison_runs_both_sides_on_four_problems() -> None:
     assert 0.0 <= comparison.answer_agreement <= 1.0
 
 
+def test_eval_throughput_with_the_calculator_on_a_tutor_trained_with_annotations(annotated_tutor_run) -> None:
+    """The calculator side: both sides decode with the calculator, it fires, and their texts agree."""
+    from phi2tutor.calculator import calculate
+    from phi2tutor.tutor import load_tutor
+    from tests.test_calculator_decoding import ANNOTATION, held_out_one_step
+
+    eval_throughput = load_eval_throughput()
+    tutor = load_tutor(annotated_tutor_run, device="cpu")
+    questions = [problem["question"] for problem in held_out_one_step(4)]
+    comparison = eval_throughput.compare_generation(
+        tutor, questions, max_new_tokens=32, batch_size=4, rounds=1, calculator=True
+    )
+    annotations = [m for answer in comparison.batched_answers for m in ANNOTATION.finditer(answer)]
+    assert comparison.calculator_calls == len(annotations) >= len(questions)
+    assert all(calculate(m[1]) == m[2] for m in annotations)
+    assert comparison.batched_answers == comparison.single_answers
+    assert 0 < comparison.speedup and comparison.answer_agreement == 1.0
+    share = eval_throughput.calculator_time_share(tutor, questions, 32, 4, rounds=1)
+    assert 0 < share < 100
+    # The problems of the measured side: calculator_gain.py's held-out, annotated, up-to-999 problems.
+    hard = eval_throughput.hard_annotated_questions(40)
+    assert len(hard) == 40 and any(max(map(int, re.findall(r"\d+", q))) > 100 for q in hard)
+
+
 def test_cpu_memory_benchmark_tables_and_result_at_a_reduced_width() -> None:
     """benchmarks/memory_phi2_cpu.py's own code at hidden 320: each planner phase and group has a planner and
     a measured figure, the 2-layer extrapolation and the RESULT line parse, and the planner agrees."""
-    import re
     import subprocess
 
     completed = subprocess.run(

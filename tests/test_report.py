@@ -169,6 +169,70 @@ def test_report_command_on_run_in_spanish_with_json(reported_run: Path, tmp_path
     assert (tmp_path / "loss.png").is_file()
 
 
+def test_run_json_and_accuracy_section_say_whether_the_calculator_was_on(
+    reported_run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from phi2tutor.events import read_scalars
+    from phi2tutor.keys import ACCURACY_KEY, CALCULATOR_CALLS_KEY, CALCULATOR_CHANGED_KEY
+
+    # The tiny fit has no annotations: its answers were decoded without the calculator, and it says so.
+    run_info = json.loads((reported_run / "run.json").read_text())
+    assert run_info["calculator"] == {"enabled": False, "annotated_training_data": False}
+    report = json.loads((reported_run / "report.json").read_text())
+    assert report["validation"]["answer_accuracy"]["calculator"] == {
+        "enabled": False,
+        "annotated_training_data": False,
+        "last_calls": None,
+        "last_changed": None,
+        "last_epoch": None,
+    }
+    markdown = (reported_run / "report.md").read_text()
+    assert "- Calculator: off (the answers are the model's own tokens)\n" in markdown
+    # The same run as a calculator run: run.json says on, MathAnswerEval's counts are in the events.
+    run = tmp_path / "version_0"
+    shutil.copytree(reported_run, run)
+    run_info["calculator"] = {"enabled": True, "annotated_training_data": True}
+    (run / "run.json").write_text(json.dumps(run_info))
+    last_step = read_scalars(run)[ACCURACY_KEY][-1][0]
+    writer = SummaryWriter(log_dir=str(run))
+    writer.add_scalar(CALCULATOR_CALLS_KEY, 7.0, 0)
+    writer.add_scalar(CALCULATOR_CALLS_KEY, 11.0, last_step)
+    writer.add_scalar(CALCULATOR_CHANGED_KEY, 4.0, last_step)
+    writer.close()
+    expected = {
+        "en": "- Calculator: on (each `<<expression=` the tutor wrote was completed by phi2tutor.calculator); at "
+        "the last evaluation (epoch 3) it completed 11 annotations, 4 of which changed the model's own tokens\n",
+        "es": "- Calculadora: activada (phi2tutor.calculator completó cada `<<expresión=` que escribió el tutor); "
+        "en la última evaluación (época 3) completó 11 anotaciones, 4 de ellas cambiaron los tokens del propio "
+        "modelo\n",
+    }
+    for language, line in expected.items():
+        report = write_report(run, tmp_path / language, language=language, draw_figures=False)
+        accuracy = report["validation"]["answer_accuracy"]
+        assert accuracy["last_epoch"] == 3
+        assert accuracy["calculator"] == {
+            "enabled": True,
+            "annotated_training_data": True,
+            "last_calls": 11,
+            "last_changed": 4,
+            "last_epoch": 3,
+        }
+        markdown = (tmp_path / language / "report.md").read_text()
+        assert line in markdown
+        assert not numbers_in(markdown) - numbers_of_json(report)
+    # A run without run.json's record (an older run, or `phi2tutor report` of another tool's directory): the
+    # logged counts alone show the calculator was on.
+    del run_info["calculator"]
+    (run / "run.json").write_text(json.dumps(run_info))
+    report = write_report(run, tmp_path / "inferred", draw_figures=False)
+    assert report["validation"]["answer_accuracy"]["calculator"]["enabled"] is True
+    assert report["validation"]["answer_accuracy"]["calculator"]["annotated_training_data"] is None
+
+
 # ------------------------------------------------------------------------------ the reference run's shape
 @pytest.mark.parametrize(
     ("language", "expected"),
@@ -420,3 +484,21 @@ def test_counts_of_one_are_singular_in_both_languages(tmp_path: Path) -> None:
         r"\b1 (puntos|evaluaciones|minutos|completas)\b",
     ):
         assert not re.search(wrong, english + spanish), wrong
+
+
+@pytest.mark.parametrize(
+    ("language", "calls", "changed", "expected"),
+    [
+        ("en", 1, 1, "it completed 1 annotation, 1 of which changed the model's own tokens"),
+        ("en", 12, 5, "it completed 12 annotations, 5 of which changed the model's own tokens"),
+        ("es", 1, 1, "completó 1 anotación, 1 de ellas cambió los tokens del propio modelo"),
+        ("es", 3, 1, "completó 3 anotaciones, 1 de ellas cambió los tokens del propio modelo"),
+        ("es", 3, 2, "completó 3 anotaciones, 2 de ellas cambiaron los tokens del propio modelo"),
+    ],
+)
+def test_calculator_line_counts_in_singular_and_plural(language, calls, changed, expected) -> None:
+    from phi2tutor.report.text import TEXT, _render_calculator, fmt
+
+    calculator = {"enabled": True, "last_calls": calls, "last_changed": changed, "last_epoch": 2}
+    (line,) = _render_calculator(calculator, TEXT[language], lambda value: fmt(value, language))
+    assert line.endswith(expected)

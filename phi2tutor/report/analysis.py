@@ -552,6 +552,7 @@ def validation_section(records: RunRecords, settings: ReportSettings, notes: lis
     }
     if records.answer_accuracy:
         result["answer_accuracy"] = _answer_accuracy(records.answer_accuracy, settings)
+        result["answer_accuracy"]["calculator"] = _calculator(records)
     elif records.source_kind == PHI2TUTOR_RUN:
         notes.append({"key": "no_answer_accuracy"})
     for name, points in sorted(records.eval_metrics.items()):
@@ -691,6 +692,26 @@ def _answer_accuracy(points: list[tuple[int, float]], settings: ReportSettings) 
         "recent_evaluations": len(recent),
         "recent_spread_points": r2(spread),
         "evaluations": len(percents),
+    }
+
+
+def _calculator(records: RunRecords) -> dict[str, Any] | None:
+    """Whether the graded answers were decoded with the calculator (run.json; else on when its counts were
+    logged) and what it did at the last evaluation; None when the run does not say."""
+    recorded = records.run_info.get("calculator") or {}
+    calls = records.calculator_counts.get("calls", [])
+    changed = records.calculator_counts.get("changed", [])
+    enabled = recorded.get("enabled")
+    if enabled is None:
+        if not calls:
+            return None
+        enabled = True  # MathAnswerEval logs the counts only with the calculator on
+    return {
+        "enabled": bool(enabled),
+        "annotated_training_data": recorded.get("annotated_training_data"),
+        "last_calls": int(calls[-1][1]) if enabled and calls else None,
+        "last_changed": int(changed[-1][1]) if enabled and changed else None,
+        "last_epoch": calls[-1][0] if enabled and calls else None,
     }
 
 

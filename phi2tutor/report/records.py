@@ -16,6 +16,8 @@ from phi2tutor.errors import Phi2TutorError
 from phi2tutor.events import event_files, read_scalars
 from phi2tutor.keys import (
     ACCURACY_KEY,
+    CALCULATOR_CALLS_KEY,
+    CALCULATOR_CHANGED_KEY,
     CONFIG_YAML,
     EPOCH_KEY,
     GRAD_NORM_KEY,
@@ -62,6 +64,8 @@ class RunRecords:
         grad_norms, learning_rates, val_losses: logged points.
         eval_metrics: other evaluation metrics under their own names (eval_accuracy, eval_f1, ...).
         answer_accuracy: (epoch, fraction) of phi2tutor's val/answer_accuracy; epoch 0 is before training.
+        calculator_counts: (epoch, count) of val/calculator_calls and val/calculator_changed under "calls"
+            and "changed" (MathAnswerEval logs them when the calculator is on).
         epochs_run: the epoch the run reached (fractional for a step-based or interrupted run).
     """
 
@@ -75,6 +79,7 @@ class RunRecords:
     val_losses: list[Point] = field(default_factory=list)
     eval_metrics: dict[str, list[Point]] = field(default_factory=dict)
     answer_accuracy: list[tuple[int, float]] = field(default_factory=list)
+    calculator_counts: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     memory_series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     memory: dict[str, Any] | None = None
     run_info: dict[str, Any] = field(default_factory=dict)
@@ -167,6 +172,11 @@ def read_run_directory(run_dir: str | Path) -> RunRecords:
     records.answer_accuracy = [
         (0 if step == 0 else index.epoch_of(step), float(v)) for step, v in scalars.get(ACCURACY_KEY, [])
     ]
+    records.calculator_counts = {
+        name: [(0 if step == 0 else index.epoch_of(step), float(v)) for step, v in scalars[key]]
+        for name, key in (("calls", CALCULATOR_CALLS_KEY), ("changed", CALCULATOR_CHANGED_KEY))
+        if scalars.get(key)
+    }
     records.memory_series = {
         tag: [(step, float(v)) for step, v in points]
         for tag, points in sorted(scalars.items())

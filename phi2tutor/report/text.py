@@ -679,6 +679,30 @@ TEXT["es"]["unknown_mp"] = "desconocidos"
 TEXT["es"]["unknown_fp"] = "desconocidas"
 for _key in ("unknown_f", "unknown_mp", "unknown_fp"):
     TEXT["en"][_key] = TEXT["en"]["unknown"]
+# The accuracy section's calculator line (calculator-assisted decoding).
+TEXT["en"].update(
+    {
+        "acc_calculator_on": "Calculator: on (each `<<expression=` the tutor wrote was completed by "
+        "phi2tutor.calculator)",
+        "acc_calculator_counts": "; at the last evaluation (epoch {epoch}) it completed {calls} annotations, "
+        "{changed}",
+        "acc_calculator_counts_one": "; at the last evaluation (epoch {epoch}) it completed 1 annotation, {changed}",
+        "acc_calculator_changed": "{changed} of which changed the model's own tokens",
+        "acc_calculator_off": "Calculator: off (the answers are the model's own tokens)",
+    }
+)
+TEXT["es"].update(
+    {
+        "acc_calculator_on": "Calculadora: activada (phi2tutor.calculator completó cada `<<expresión=` que "
+        "escribió el tutor)",
+        "acc_calculator_counts": "; en la última evaluación (época {epoch}) completó {calls} anotaciones, "
+        "{changed}",
+        "acc_calculator_counts_one": "; en la última evaluación (época {epoch}) completó 1 anotación, {changed}",
+        "acc_calculator_changed": "{changed} de ellas cambiaron los tokens del propio modelo",
+        "acc_calculator_changed_one": "1 de ellas cambió los tokens del propio modelo",
+        "acc_calculator_off": "Calculadora: desactivada (las respuestas son los tokens del propio modelo)",
+    }
+)
 
 NUMBER_PATTERN = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w])")
 """A number in report text, not one inside a word (phi2tutor, version_0); tests compare report.md to report.json."""
@@ -1148,6 +1172,7 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
                 spread=f(a["recent_spread_points"]),
             )
         )
+        lines += _render_calculator(a.get("calculator"), t, f)
         lines.append("")
     groups = v.get("metric_groups")
     grouped = (
@@ -1201,6 +1226,24 @@ def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, s
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def _render_calculator(calculator: dict[str, Any] | None, t: dict[str, str], f) -> list[str]:
+    """The accuracy section's line on calculator-assisted decoding; none when the run does not say."""
+    if calculator is None:
+        return []
+    if not calculator["enabled"]:
+        return ["- " + t["acc_calculator_off"]]
+    line = t["acc_calculator_on"]
+    calls = calculator["last_calls"]
+    if calls is not None:
+        changed = counted(t, "acc_calculator_changed", calculator["last_changed"]).format(
+            changed=f(calculator["last_changed"])
+        )
+        line += counted(t, "acc_calculator_counts", calls).format(
+            epoch=calculator["last_epoch"], calls=calls, changed=changed
+        )
+    return ["- " + line]
 
 
 def _render_stop(stop: dict[str, Any], t: dict[str, str], f) -> list[str]:
