@@ -339,9 +339,12 @@ class TutorModule(LightningModule):
         processes) over their total target tokens, as one large batch would have it, so every answer
         token weighs the same whatever the micro-batch, accumulation and process count (transformers'
         Trainer does the same with num_items_in_batch). The sampler tags each batch with that total
-        (``step_target_tokens``). Lightning divides the returned loss by accumulate_grad_batches (also
-        for an epoch's shorter last step) and DDP averages gradients over processes: both are multiplied
-        back here. The logged train/loss stays this micro-batch's own per-token mean.
+        (``step_target_tokens``, counting only the micro-batches the step trains) and with the number of
+        processes it covers (``step_processes``). No all-reduce is needed: every process's sampler holds
+        the one global order, so each knows the whole step's total before the step starts. Lightning
+        divides the returned loss by accumulate_grad_batches (also for an epoch's shorter last step) and
+        DDP averages gradients over processes: both are multiplied back here. The logged train/loss stays
+        this micro-batch's own per-token mean.
         """
         loss_sum = self.target_token_loss(batch, reduction="sum")
         tokens = (batch["labels"][:, 1:] != -100).sum()
@@ -350,8 +353,11 @@ class TutorModule(LightningModule):
         if step_tokens is None:  # a loader without the tag: each micro-batch weighs the same
             objective = token_mean
         else:
-            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-            objective = loss_sum * scale / step_tokens
+            # The processes the count covers: all of them, or (use_distributed_sampler=False, every
+            # process ordering all the data itself) this one, whose gradient DDP then averages with its
+            # equals. Tensors on the device: no host sync per micro-batch.
+            processes = batch["step_processes"]
+            objective = loss_sum * (self.trainer.accumulate_grad_batches * processes) / step_tokens
         batch_size = batch["input_ids"].shape[0]
         self.log(
             LOSS_STEP_KEY, token_mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
