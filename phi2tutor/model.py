@@ -175,6 +175,14 @@ class TutorModule(LightningModule):
         # What the calculator did in the latest generate() call (None: it was off).
         self.last_calculator_counts: CalculatorCounts | None = None
         self._equals_token_ids: frozenset[int] | None = None
+        # train/loss_epoch, the epoch mean PhaseDetection and PlateauStopping follow. A torchmetrics mean (synced
+        # over processes) whose state travels in checkpoints: Lightning 2 does not save its own epoch
+        # accumulators, so after a mid-epoch resume its mean would cover only the resumed part of the epoch.
+        from torchmetrics import MeanMetric
+
+        self.train_epoch_loss = MeanMetric()
+        self.train_epoch_loss.persistent(True)
+        self._epoch_loss_epoch: int | None = None  # the epoch whose micro-batches train_epoch_loss holds
         # Checkpoints hold only trainable weights: the frozen base is loaded from its source.
         self.strict_loading = False
 
@@ -362,9 +370,12 @@ class TutorModule(LightningModule):
         self.log(
             LOSS_STEP_KEY, token_mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
         )
-        self.log(
-            LOSS_EPOCH_KEY, token_mean, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size
-        )
+        if self._epoch_loss_epoch != self.current_epoch:  # a new epoch (or a checkpoint's finished one)
+            self.train_epoch_loss.reset()
+            self._epoch_loss_epoch = self.current_epoch
+        # Weighted by the micro-batch's examples, as Lightning's own epoch mean of a logged tensor is.
+        self.train_epoch_loss.update(token_mean.detach(), weight=batch_size)
+        self.log(LOSS_EPOCH_KEY, self.train_epoch_loss, on_step=False, on_epoch=True)
         return {"loss": objective, "token_mean_loss": token_mean.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -423,9 +434,16 @@ class TutorModule(LightningModule):
         for logger in self.trainer.loggers:
             logger.save()
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["state_dict"] = {
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if k in trainable or k.startswith("train_epoch_loss.")
+        }
+        checkpoint["train_epoch_loss_epoch"] = self._epoch_loss_epoch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The epoch the saved epoch-loss state belongs to: continued when the resume is inside that epoch.
+        self._epoch_loss_epoch = checkpoint.get("train_epoch_loss_epoch")
         expected = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = expected - set(checkpoint["state_dict"])
         if missing:
