@@ -257,3 +257,96 @@ def test_out_of_memory_keeps_memory_json_run_json_report_and_last_checkpoint(tmp
     assert (run_dir / REPORT_MD).is_file()
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2 * CHECKPOINT_EVERY_N_STEPS  # the step-4 checkpoint, untouched
+
+
+def test_out_of_memory_in_the_first_epoch_leaves_a_short_truthful_report(tmp_path, capsys) -> None:
+    """Out of memory at step 2 of epoch 1's 3 (after the step-2 checkpoint), before any epoch is complete."""
+    config = resume_config(
+        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": 2}}
+    )
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("phi2tutor: error: CUDA ran out of memory at step 2") == 1
+    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    memory = json.loads((run_dir / "memory.json").read_text())
+    assert memory["oom"] is True and (memory["oom_step"], memory["oom_epoch"]) == (2, 1)
+    run_info = json.loads((run_dir / RUN_JSON).read_text())
+    assert run_info["steps_per_epoch"] == STEPS_PER_EPOCH and run_info["global_step"] == 2
+    assert run_info["epochs_run"] == 0 and run_info["stop"]["exception"] == "OutOfMemoryError"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == CHECKPOINT_EVERY_N_STEPS  # the step-2 checkpoint, intact
+    report = json.loads((run_dir / REPORT_JSON).read_text())
+    markdown = (run_dir / REPORT_MD).read_text()
+    losses = read_scalars(run_dir)[LOSS_STEP_KEY]
+    assert [step for step, _ in losses] == [0, 1]
+    assert report["coverage"]["before_first_epoch"] is True
+    assert (
+        "This run stopped during epoch 1, before the epoch was complete: 2 of its 3 optimizer steps had "
+        "finished and 2 training-loss points had been logged." in markdown
+    )
+    # The logged losses, placed as the share of epoch 1 they are (not its end).
+    first, last_loss = report["loss"]["first"], report["loss"]["last"]
+    assert (first["step"], first["epoch"], last_loss["step"], last_loss["epoch"]) == (0, 0.33, 1, 0.67)
+    assert first["value"] == round(losses[0][1], 4) and last_loss["value"] == round(losses[-1][1], 4)
+    assert f"- Last logged loss: {last_loss['value']} (step 1, epoch 0.67)" in markdown
+    assert "### Epoch means" not in markdown
+    # Why it stopped: out of memory at step 2, the peak, the planner's estimate and its ways to fit.
+    oom = report["memory"]["out_of_memory_at"]
+    assert (oom["step"], oom["epoch"]) == (2, 1)
+    assert oom["estimated_peak_mb"] == memory["estimate"]["estimated_peak_mb"]
+    assert "It ran out of memory at step 2 (epoch 1), with 2 optimizer steps finished." in markdown
+    assert f"Peak: {report['memory']['peak_mb']} MB" in markdown
+    assert f"The memory planner estimated {oom['estimated_peak_mb']} MB" in markdown
+    assert "- It failed with OutOfMemoryError during epoch 1" in markdown
+    recommendation = report["recommendations"][0]
+    assert recommendation["kind"] == "out_of_memory"
+    assert [way["kind"] for way in recommendation["ways_to_fit"]] == [
+        "micro_batch",
+        "max_length",
+        "gradient_checkpointing",
+        "nf4",
+        "paged_optimizer",
+    ]
+    assert "lower data.batch_size (now 8)" in markdown and "lower data.max_length (now 128)" in markdown
+    # Two learning-rate steps, the second the highest: a rise, not a schedule the records cannot show.
+    assert report["learning_rate"]["shape"] == "rising"
+    assert "then constant" not in markdown
+    from tests.test_report import numbers_in, numbers_of_json
+
+    assert not numbers_in(markdown) - numbers_of_json(report)
+
+
+def test_out_of_memory_in_the_first_step_still_writes_the_report(tmp_path, capsys) -> None:
+    """Nothing logged yet (out of memory in step 0, before any checkpoint): the report says so, in Spanish."""
+    config = resume_config(
+        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": 0}}
+    )
+    report_callback = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("Report"))
+    report_callback["init_args"] = {"language": "es", "figures": True}
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
+    assert stopped.value.code == 1
+    assert "Traceback" not in capsys.readouterr().err
+    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    assert not (run_dir / "checkpoints").exists()  # none written before step 0: none to lose
+    assert json.loads((run_dir / "memory.json").read_text())["oom_step"] == 0
+    report = json.loads((run_dir / REPORT_JSON).read_text())
+    markdown = (run_dir / REPORT_MD).read_text()
+    assert report["loss"] is None and report["phases"] is None and report["general"]["final_loss"] is None
+    assert report["general"]["optimizer_steps"] == 0
+    assert (
+        "Este entrenamiento se detuvo durante la época 1, antes de completarla: habían terminado 0 de sus 3 "
+        "pasos del optimizador y se habían registrado 0 puntos de la pérdida de entrenamiento." in markdown
+    )
+    assert "- No se registró ninguna pérdida de entrenamiento" in markdown
+    assert "## Fases del aprendizaje" not in markdown
+    assert "Se quedó sin memoria en el paso 0 (época 1), con 0 pasos del optimizador terminados." in markdown
+    assert (
+        "baja data.batch_size (ahora 8)" in markdown and "pon model.gradient_checkpointing: true" in markdown
+    )
+    assert "loss.png" not in markdown and report["figures"] == {}  # no loss, no step logged: nothing to draw
+    from tests.test_report import numbers_in, numbers_of_json
+
+    assert not numbers_in(markdown) - numbers_of_json(report)
