@@ -214,6 +214,38 @@ def test_resume_with_changed_model_options_stops_with_each_difference(
     assert "start a new run" in message
 
 
+def test_resume_prints_each_permitted_change(tmp_path, uninterrupted) -> None:
+    """max_epochs and a callback's threshold may change on resume: each change is printed, the run goes on."""
+    import logging
+
+    root = tmp_path / "permitted"
+    shutil.copytree(uninterrupted.parent.parent, root)
+    config = resume_config(root)
+    phases = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PhaseDetection"))
+    phases["init_args"]["window"] = 3
+    config["trainer"]["max_epochs"] = MAX_EPOCHS + 1
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    try:
+        main(["fit", "--config", str(write_yaml(root / "fit.yaml", config)), "--ckpt_path", "last"])
+    finally:
+        logger.removeHandler(handler)
+    changes = [line for line in lines if line.startswith("phi2tutor | changed on resume:")]
+    # (The run directory was copied: its root moved too.)
+    assert changes == [
+        "phi2tutor | changed on resume: trainer.callbacks: PhaseDetection.window: 2 in the checkpoint, 3 now",
+        f"phi2tutor | changed on resume: trainer.default_root_dir: '{uninterrupted.parent.parent}' in the "
+        f"checkpoint, '{root}' now",
+        f"phi2tutor | changed on resume: trainer.max_epochs: {MAX_EPOCHS} in the checkpoint, {MAX_EPOCHS + 1} now",
+    ]
+    (run_dir,) = sorted((root / "lightning_logs").glob("version_*"))
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == (MAX_EPOCHS + 1) * STEPS_PER_EPOCH  # one more epoch trained
+
+
 def test_last_without_any_checkpoint_names_where_it_looked(tmp_path, capsys) -> None:
     config_path = write_yaml(tmp_path / "fit.yaml", resume_config(tmp_path))
     with pytest.raises(SystemExit) as stopped:
