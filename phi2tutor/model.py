@@ -183,6 +183,8 @@ class TutorModule(LightningModule):
         self.train_epoch_loss = MeanMetric()
         self.train_epoch_loss.persistent(True)
         self._epoch_loss_epoch: int | None = None  # the epoch whose micro-batches train_epoch_loss holds
+        self._lr_schedule: dict[str, int] | None = None  # warmup and schedule steps, saved in checkpoints
+        self._checkpoint_lr_schedule: dict[str, int] | None = None  # the resumed checkpoint's
         # Checkpoints hold only trainable weights: the frozen base is loaded from its source.
         self.strict_loading = False
 
@@ -415,17 +417,36 @@ class TutorModule(LightningModule):
 
             cls = bnb.optim.PagedAdamW8bit if hp.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
             optimizer = cls(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        max_epochs = self.trainer.max_epochs
-        if hp.lr_schedule_epochs is not None and max_epochs and max_epochs > 0:
-            total_steps = max(1, round(total_steps * min(1.0, hp.lr_schedule_epochs / max_epochs)))
-        warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total_steps)
+        warmup, total_steps = self._lr_schedule_length()
         scheduler = warmup_cosine_schedule(optimizer, warmup, total_steps, hp.min_lr_ratio)
         # The name is the TensorBoard key LearningRateMonitor logs under.
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": LR_KEY},
         }
+
+    def _lr_schedule_length(self) -> tuple[int, int]:
+        """(warmup, warmup + cosine) optimizer steps: from this run's options, or the checkpoint's when resuming.
+
+        A resumed run may have another max_epochs (a longer budget), which would stretch a schedule that
+        spans the whole run and make the rate jump at the resumed step: it keeps the schedule it started with.
+        """
+        hp = self.hparams
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        max_epochs = self.trainer.max_epochs
+        if hp.lr_schedule_epochs is not None and max_epochs and max_epochs > 0:
+            total_steps = max(1, round(total_steps * min(1.0, hp.lr_schedule_epochs / max_epochs)))
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total_steps)
+        saved = self._checkpoint_lr_schedule
+        if saved is not None and (saved["warmup_steps"], saved["schedule_steps"]) != (warmup, total_steps):
+            rank_zero_info(
+                f"phi2tutor | learning-rate schedule kept from the checkpoint: warmup {saved['warmup_steps']} + "
+                f"cosine to {saved['schedule_steps']} optimizer steps (this run's options would make it "
+                f"{warmup} + {total_steps}; a new run without --ckpt_path takes them)"
+            )
+            warmup, total_steps = int(saved["warmup_steps"]), int(saved["schedule_steps"])
+        self._lr_schedule = {"warmup_steps": warmup, "schedule_steps": total_steps}
+        return warmup, total_steps
 
     # ------------------------------------------------------------------ checkpoints and adapters
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -440,10 +461,13 @@ class TutorModule(LightningModule):
             if k in trainable or k.startswith("train_epoch_loss.")
         }
         checkpoint["train_epoch_loss_epoch"] = self._epoch_loss_epoch
+        if self._lr_schedule is not None:
+            checkpoint["lr_schedule"] = dict(self._lr_schedule)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The epoch the saved epoch-loss state belongs to: continued when the resume is inside that epoch.
         self._epoch_loss_epoch = checkpoint.get("train_epoch_loss_epoch")
+        self._checkpoint_lr_schedule = checkpoint.get("lr_schedule")
         expected = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = expected - set(checkpoint["state_dict"])
         if missing:
