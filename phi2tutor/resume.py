@@ -189,6 +189,15 @@ def resolve_fit_resume(fit: Any) -> None:
         checkpoint_path = find_last_checkpoint(search_dirs)
         if checkpoint_path is None:
             looked = ", ".join(str(d) for d in search_dirs) or "(no checkpoint directory is configured)"
+            # A process killed between a checkpoint and its last.ckpt copy leaves only the checkpoint.
+            others = [path for directory in search_dirs for path in directory.glob("*.ckpt")]
+            newest = max(others, key=lambda path: path.stat().st_mtime) if others else None
+            if newest is not None:
+                raise Phi2TutorError(
+                    f"--ckpt_path last: no last.ckpt to resume from in {looked}, but {newest} is there (the "
+                    f"newest checkpoint): resume from it with --ckpt_path {newest}, or leave out --ckpt_path "
+                    "to start a new run."
+                )
             raise Phi2TutorError(
                 f"--ckpt_path last: no last.ckpt to resume from in {looked}. Give the checkpoint's path "
                 "(lightning_logs/version_N/checkpoints/last.ckpt), or leave out --ckpt_path to start a new run; "

@@ -255,6 +255,22 @@ def test_last_without_any_checkpoint_names_where_it_looked(tmp_path, capsys) -> 
     assert str(tmp_path / "lightning_logs") in err and "last.ckpt" in err
 
 
+def test_last_without_last_ckpt_names_the_newest_checkpoint_there(tmp_path, capsys) -> None:
+    """Killed between a step checkpoint and its last.ckpt copy: the message names the checkpoint to give."""
+    config_path = write_yaml(tmp_path / "fit.yaml", resume_config(tmp_path))
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "step=2.ckpt").write_bytes(b"older")
+    os.utime(checkpoints / "step=2.ckpt", (1, 1))
+    (checkpoints / "step=4.ckpt").write_bytes(b"newer")
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(config_path), "--ckpt_path", "last"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"no last.ckpt to resume from in {checkpoints}, but {checkpoints / 'step=4.ckpt'} is there" in err
+    assert f"resume from it with --ckpt_path {checkpoints / 'step=4.ckpt'}" in err
+
+
 class OutOfMemoryAtStep(Callback):
     """Test-only: a CUDA out-of-memory error in the training step after ``step`` optimizer steps.
 
