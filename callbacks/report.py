@@ -1,5 +1,6 @@
 """TrainingReport: when fit ends, or is interrupted, writes run.json (what the event files cannot hold:
-model, parameters, hardware, precision, time, why it stopped) and the training report of phi2tutor.report.
+model, parameters, hardware, precision, micro-batch and accumulation, time, why it stopped) and the
+training report of phi2tutor.report.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from callbacks.micro_batch import AutoMicroBatch, batch_numbers
 from callbacks.phases import PhaseDetection
 from phi2tutor.errors import Phi2TutorError, first_line
 from phi2tutor.keys import REPORT_MD, RUN_JSON
@@ -206,6 +208,8 @@ class TrainingReport(Callback):
             "steps_per_epoch": steps_per_epoch(trainer),
             "stop": stop,
         }
+        auto_batch = next((cb for cb in trainer.callbacks if isinstance(cb, AutoMicroBatch)), None)
+        info["micro_batch"] = auto_batch.run_record(trainer) if auto_batch else batch_numbers(trainer)
         detector = next((cb for cb in trainer.callbacks if isinstance(cb, PhaseDetection)), None)
         if detector is not None:
             info["phase_detection"] = {

@@ -73,12 +73,14 @@ def build_cli_class():
     from lightning.pytorch.utilities import rank_zero_info
 
     from callbacks.dashboard import TensorBoardDashboard
+    from callbacks.micro_batch import AutoMicroBatch
     from callbacks.predictions import PredictionWriter
 
     class SaveFitConfig(SaveConfigCallback):
         """Saves the config of a training run into its run directory; evaluation commands write nothing,
         and neither does a run without a logger (it has no run directory: config.yaml would land in the
-        working directory)."""
+        working directory). What the run resolved is written as resolved: ``data.batch_size: auto`` as the
+        micro-batch, the effective batch and the accumulation it trains with (AutoMicroBatch)."""
 
         def setup(self, trainer, pl_module, stage: str) -> None:
             if stage != "fit":
@@ -88,7 +90,27 @@ def build_cli_class():
                     "phi2tutor | no logger (trainer.logger false): no run directory, config.yaml not saved"
                 )
                 return
+            self._take_resolved(trainer)
             super().setup(trainer, pl_module, stage)
+
+        def _take_resolved(self, trainer) -> None:
+            data = getattr(trainer.datamodule, "hparams", {})
+            for key in ("batch_size", "effective_batch_size"):
+                if key in data and self.config.get(f"data.{key}", data[key]) != data[key]:
+                    self.config[f"data.{key}"] = data[key]
+            if self.config.get("trainer.accumulate_grad_batches") != trainer.accumulate_grad_batches:
+                self.config["trainer.accumulate_grad_batches"] = trainer.accumulate_grad_batches
+
+        def save_resolved_config(self, trainer) -> None:
+            """Write config.yaml again after the numbers changed during fit (AutoMicroBatch's back-off)."""
+            if not self.already_saved:
+                return
+            self._take_resolved(trainer)
+            path = Path(trainer.log_dir) / self.config_filename  # every process asks: a broadcast under DDP
+            if trainer.is_global_zero:
+                self.parser.save(
+                    self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile
+                )
 
     class TutorCLI(LightningCLI):
         """LightningCLI with the data and model options that must agree linked together, and Lightning's own
@@ -116,14 +138,23 @@ def build_cli_class():
 
         def parse_arguments(self, parser, args) -> None:
             super().parse_arguments(parser, args)
-            if self.config.get("subcommand") == "fit":
-                # Before LightningCLI reads the checkpoint's hyperparameters over the given model options.
+            # Before a checkpoint is looked for: `--ckpt_path last` searches the run directory it writes to.
+            self._follow_default_root_dir()
+            subcommand = self.config.get("subcommand")
+            # Before LightningCLI reads the checkpoint's hyperparameters over the given model options.
+            if subcommand == "fit":
                 from phi2tutor.resume import resolve_fit_resume
 
                 resolve_fit_resume(self.config["fit"])
+            elif subcommand is not None:
+                from phi2tutor.resume import resolve_checkpoint_path
 
-        def before_instantiate_classes(self) -> None:
-            config = self.config.get(str(self.subcommand), self.config)
+                resolve_checkpoint_path(self.config[subcommand], subcommand)
+
+        def _follow_default_root_dir(self) -> None:
+            """The logger's save_dir follows trainer.default_root_dir unless it is set itself."""
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(str(subcommand), self.config) if subcommand else self.config
             trainer = config.get("trainer")
             logger = trainer.get("logger") if trainer is not None else None
             init_args = getattr(logger, "init_args", None)
@@ -143,6 +174,9 @@ def build_cli_class():
                 added.append(TensorBoardDashboard())
             if not any(isinstance(callback, BasePredictionWriter) for callback in configured):
                 added.append(PredictionWriter())
+            if not any(isinstance(callback, AutoMicroBatch) for callback in configured):
+                # data.batch_size: auto and data.effective_batch_size (it does nothing without them).
+                added.append(AutoMicroBatch())
             return super().instantiate_trainer(callbacks=[*configured, *added], **kwargs)
 
         def _parse_ckpt_path(self) -> None:
@@ -158,7 +192,17 @@ def build_cli_class():
                 from phi2tutor.loading import check_checkpoint
 
                 check_checkpoint(ckpt_path)
+            from phi2tutor import resume
+
+            subcommand = str(self.config.get("subcommand"))
+            given = resume.plain_options(config.get("model")) if ckpt_path and config else None
             super()._parse_ckpt_path()
+            if isinstance(given, dict) and self.config[subcommand].get("model") is not None:
+                from lightning.pytorch.utilities import rank_zero_info
+
+                model = self.config[subcommand]["model"]
+                for line in resume.reconcile_checkpoint_model_options(given, model, subcommand):
+                    rank_zero_info(f"phi2tutor | checkpoint options: {line}")
 
         def _remember_new_run_directory(self) -> None:
             logger = self.trainer.logger
@@ -203,16 +247,18 @@ def run_lightning_cli(args: list[str] | None) -> None:
 
 def _remove_unstarted_run(run_directory: Path | None) -> None:
     """Remove the version_N/ that a failed command created before it logged anything: it holds no more than
-    an empty event file and the config, and a user would have to clean it up by hand. A directory with a
-    checkpoint, or one that existed before the run (a resumed run), is never touched."""
+    an empty event file, the config and the data audit fit writes at setup (``phi2tutor data`` writes it
+    again), and a user would have to clean it up by hand. A directory with a checkpoint, or one that existed
+    before the run (a resumed run), is never touched."""
     if run_directory is None or not run_directory.is_dir():
         return
+    from phi2tutor.data_audit import DATA_REPORT_JSON, DATA_REPORT_MD, LENGTHS_PNG
     from phi2tutor.keys import CONFIG_YAML
 
+    rewritten = (CONFIG_YAML, "hparams.yaml", DATA_REPORT_MD, DATA_REPORT_JSON, LENGTHS_PNG)
     leftovers = [path for path in run_directory.rglob("*") if path.is_file()]
     disposable = all(
-        path.name.startswith("events.out.tfevents.") or path.name in (CONFIG_YAML, "hparams.yaml")
-        for path in leftovers
+        path.name.startswith("events.out.tfevents.") or path.name in rewritten for path in leftovers
     )
     if disposable and not _has_results(run_directory):
         shutil.rmtree(run_directory, ignore_errors=True)
@@ -331,12 +377,21 @@ def user_error(error: BaseException) -> BaseException | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, Phi2TutorError):
+        if isinstance(current, Phi2TutorError) or _is_lightning_misconfiguration(current):
             return current
         if filesystem_error is None and isinstance(current, OSError) and current.errno in _REFUSALS:
             filesystem_error = current
         pending += [current.__cause__, current.__context__]
     return filesystem_error
+
+
+def _is_lightning_misconfiguration(error: BaseException) -> bool:
+    """Lightning's MisconfigurationException: a Trainer option it rejects (checked by name, so that the
+    text-only commands do not import Lightning to classify an error)."""
+    return any(
+        cls.__name__ == "MisconfigurationException" and cls.__module__.startswith("lightning")
+        for cls in type(error).__mro__
+    )
 
 
 _REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
@@ -360,6 +415,16 @@ def describe(error: BaseException) -> str:
             "logger's save_dir, a ModelCheckpoint's dirpath, model.adapter_output_dir): make that directory "
             "writable, or point the option at one you can write to. Files saved before this are intact."
         )
+    if _is_lightning_misconfiguration(error):
+        message = str(error).strip()
+        if "gpu" in message.lower() or "cuda" in message.lower():
+            advice = (
+                "This machine offers no usable GPU to this torch build: run `phi2tutor doctor` to see why, or "
+                "set trainer.accelerator to cpu (or auto)."
+            )
+        else:
+            advice = "Fix that trainer option (`phi2tutor fit --help` lists them)."
+        return f"Lightning rejects the trainer configuration: {message} {advice}"
     return str(error)
 
 

@@ -24,6 +24,7 @@ from phi2tutor.errors import Phi2TutorError, check_option, first_line
 from phi2tutor.files import read_text, require_file, text_lines
 from phi2tutor.grading import reference_answer
 from phi2tutor.keys import TRUNCATED_KEY
+from phi2tutor.memory.planner import AUTO_BATCH
 from phi2tutor.phi2 import PHI2_HUB_ID
 from phi2tutor.prompts import PHI2_QA_TEMPLATE, format_prompt
 from phi2tutor.synthetic import SyntheticSpec, generate_splits
@@ -85,11 +86,20 @@ class LengthGroupedSampler(Sampler[int]):
     so the order is reproducible and a resumed run sees the same batches.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_factor: int = 16) -> None:
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int,
+        group_factor: int = 16,
+        longest_first: bool = False,
+    ) -> None:
         self.lengths = lengths
         self.megabatch = max(1, batch_size * group_factor)
         self.seed = seed
         self.epoch = 0
+        # Every index from the longest down: the worst case the data holds, for the first-step memory check.
+        self.longest_first = longest_first
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -99,6 +109,9 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __iter__(self):
         order = list(range(len(self.lengths)))
+        if self.longest_first:
+            yield from sorted(order, key=lambda i: -self.lengths[i])
+            return
         random.Random(self.seed + self.epoch).shuffle(order)
         for start in range(0, len(order), self.megabatch):
             yield from sorted(order[start : start + self.megabatch], key=lambda i: -self.lengths[i])
@@ -226,7 +239,8 @@ class MathDataModule(LightningDataModule):
         keep_calculator_annotations: bool = False,
         skip_invalid_rows: bool = False,
         max_length: int = 512,
-        batch_size: int = 4,
+        batch_size: int | str = 4,
+        effective_batch_size: int | None = None,
         eval_batch_size: int | None = None,
         val_fraction: float = 0.05,
         group_by_length: bool = True,
@@ -258,7 +272,15 @@ class MathDataModule(LightningDataModule):
             skip_invalid_rows: Skip rows without the answer or a final "#### N" (and prompts longer than
                 max_length), reporting how many, instead of stopping with an error.
             max_length: Longest tokenized example; longer answers are truncated and counted.
-            batch_size: Training micro-batch size per device.
+            batch_size: Training micro-batch size per device, or ``auto``: the largest micro-batch the memory
+                planner puts under the budget by its margin (AUTO_BATCH_MARGIN, 10%; the budget is
+                GPUMemoryProfiler's budget_mb, capped by the CUDA device's memory) that divides the effective batch, with trainer.accumulate_grad_batches set to
+                keep the effective batch; on a CUDA device the first step is tried and backs off one size on
+                out of memory. Printed at start, written resolved into config.yaml and into run.json.
+            effective_batch_size: Examples per optimizer step over all devices; when set,
+                trainer.accumulate_grad_batches = effective_batch_size / (batch_size x devices x nodes)
+                replaces the configured one. Default: with ``batch_size: auto``, the config's accumulation at
+                micro-batch 1 (trainer.accumulate_grad_batches x devices x nodes); else unused.
             eval_batch_size: Validation/test batch size; default ``batch_size``.
             val_fraction: Share of the training rows held out for validation when no validation source exists.
             group_by_length: Batch examples of similar length together (less padding, same loss).
@@ -270,7 +292,20 @@ class MathDataModule(LightningDataModule):
         """
         super().__init__()
         for name, value, valid, requirement in (
-            ("batch_size", batch_size, batch_size >= 1, "a positive integer"),
+            (
+                "batch_size",
+                batch_size,
+                batch_size == AUTO_BATCH or (_is_integer(batch_size) and batch_size >= 1),
+                f"a positive integer, or {AUTO_BATCH} (the largest micro-batch the memory planner fits in the "
+                "budget)",
+            ),
+            (
+                "effective_batch_size",
+                effective_batch_size,
+                effective_batch_size is None
+                or (_is_integer(effective_batch_size) and effective_batch_size >= 1),
+                "a positive integer (examples per optimizer step over all devices) or null",
+            ),
             (
                 "eval_batch_size",
                 eval_batch_size,
@@ -293,6 +328,8 @@ class MathDataModule(LightningDataModule):
         self.token_lengths: dict[str, tuple[list[int], list[int]]] = {}
         self.skipped: dict[str, dict[str, int]] = {}  # per split: rows skipped, by reason
         self._resume_at: tuple[int, int] | None = None  # (epoch, micro-batches done), from a checkpoint
+        # Set by AutoMicroBatch's first-step check: the training order starts with the longest examples.
+        self.longest_first = False
 
     # ------------------------------------------------------------------ rows
     def load_rows(self) -> dict[str, list[dict[str, Any]]]:
@@ -580,7 +617,7 @@ class MathDataModule(LightningDataModule):
         """
         # group_factor 0 is a plain seeded shuffle: the same sampler, resumable, without grouping.
         group_factor = 16 if self.hparams.group_by_length else 0
-        order = LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor)
+        order = LengthGroupedSampler(lengths, batch_size, self.hparams.seed, group_factor, self.longest_first)
         trainer = self.trainer
         replicas = {"num_replicas": 1, "rank": 0}
         if trainer is not None and getattr(trainer._accelerator_connector, "use_distributed_sampler", True):
@@ -631,14 +668,29 @@ class MathDataModule(LightningDataModule):
     def _collate(self, examples: list[TokenizedExample]) -> dict[str, torch.Tensor]:
         return collate_examples(examples, self.tokenizer.pad_token_id)
 
+    @property
+    def micro_batch_size(self) -> int:
+        """The training micro-batch: batch_size, once ``auto`` is resolved."""
+        if self.hparams.batch_size == AUTO_BATCH:
+            raise Phi2TutorError(
+                "data.batch_size is auto, but nothing resolved it: the callback callbacks.micro_batch."
+                "AutoMicroBatch does (phi2tutor's commands add it); a Trainer built in Python needs it in its "
+                "callbacks, or give data.batch_size a number."
+            )
+        return self.hparams.batch_size
+
+    @property
+    def evaluation_batch_size(self) -> int:
+        return self.hparams.eval_batch_size or self.micro_batch_size
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.hparams.batch_size, shuffle=True)
+        return self._loader("train", self.micro_batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        return self._loader("val", self.evaluation_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        return self._loader("test", self.evaluation_batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         if self.hparams.predict_path is None:
@@ -656,9 +708,13 @@ class MathDataModule(LightningDataModule):
             questions.append(str(record[self.hparams.question_field]))
         return DataLoader(
             questions,
-            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            batch_size=self.evaluation_batch_size,
             collate_fn=lambda batch: {"question": list(batch)},
         )
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def row_problem(record: Any, question_field: str, answer_field: str) -> str | None:

@@ -14,9 +14,18 @@ from dataclasses import dataclass, field
 
 # The last PyTorch CUDA builds with Pascal (sm_60/sm_61) kernels: the CUDA 12.8+ wheels dropped them.
 PASCAL_TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
-TORCH_INSTALL_PASCAL = f"pip install --force-reinstall torch --index-url {PASCAL_TORCH_INDEX}"
-TORCH_INSTALL_CUDA = "pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu128"
+CUDA_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
 BNB_INSTALL = "pip install --force-reinstall bitsandbytes"
+
+
+def torch_install(torch_version: str, pascal: bool) -> str:
+    """The command that replaces this torch with the CUDA build of the same release (so the fix stays in
+    the project's torch range and changes nothing else): ``2.13.0+cpu`` -> ``torch==2.13.0``."""
+    release = torch_version.split("+", 1)[0]
+    index = PASCAL_TORCH_INDEX if pascal else CUDA_TORCH_INDEX
+    return f"pip install --force-reinstall torch=={release} --index-url {index}"
+
+
 # NF4 and the 8-bit optimizers need compute capability 6.0 (DESIGN.md); native bf16 arrives with Ampere.
 MIN_BNB_CAPABILITY = (6, 0)
 MIN_BF16_CAPABILITY = (8, 0)
@@ -181,7 +190,8 @@ def diagnose(facts: MachineFacts, config: ConfigFacts | None = None) -> list[Fin
                     "problem" if config else "note",
                     f"No CUDA device: {build}. Runs here: the tests, the demo (configs/demo.yaml), plan, score "
                     "and report. Training Phi-2 needs an NVIDIA GPU and a CUDA build of torch.",
-                    f"on a machine with an NVIDIA GPU: {TORCH_INSTALL_CUDA} (GTX 10xx: {TORCH_INSTALL_PASCAL})",
+                    f"on a machine with an NVIDIA GPU: {torch_install(facts.torch_version, pascal=False)} "
+                    f"(GTX 10xx: {torch_install(facts.torch_version, pascal=True)})",
                 )
             )
         else:
@@ -208,7 +218,7 @@ def diagnose(facts: MachineFacts, config: ConfigFacts | None = None) -> list[Fin
         )
     )
     pascal = gpu.capability[0] == 6
-    install = TORCH_INSTALL_PASCAL if pascal else TORCH_INSTALL_CUDA
+    install = torch_install(facts.torch_version, pascal)
     if facts.arch_list and gpu.sm not in facts.arch_list:
         why = (
             " (PyTorch's CUDA 12.8+ builds dropped Pascal; the CUDA 12.6 builds still have it)"

@@ -28,6 +28,9 @@ TRANSITIONS_TEXT_TAG = "phase/transitions"
 # GPUMemoryProfiler: MEMORY_PREFIX + allocated_mb, reserved_mb, max_allocated_mb, cpu_rss_mb, ...
 MEMORY_PREFIX = "memory/"
 
+# AutoMicroBatch's entry in a checkpoint's "callbacks" (phi2tutor.resume reads how auto resolved).
+AUTO_MICRO_BATCH_STATE_KEY = "AutoMicroBatch"
+
 # Files in a run directory (lightning_logs/version_N/).
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"

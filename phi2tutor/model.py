@@ -156,6 +156,12 @@ class TutorModule(LightningModule):
             ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "a positive integer"),
         ):
             check_option("model", name, value, valid, requirement)
+        if model_config is not None and model_name_or_path != PHI2_HUB_ID:
+            raise Phi2TutorError(
+                f"model.model_config builds a randomly initialised PhiForCausalLM, so "
+                f"model.model_name_or_path={model_name_or_path!r} would not be loaded: give one of the two "
+                "(model_config: null to train that model)."
+            )
         if offload_checkpoints and not gradient_checkpointing:
             raise Phi2TutorError(
                 "model.offload_checkpoints keeps the checkpointed layer inputs in CPU memory: it needs "

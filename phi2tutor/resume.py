@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from phi2tutor.errors import Phi2TutorError
-from phi2tutor.keys import CONFIG_YAML
+from phi2tutor.keys import AUTO_MICRO_BATCH_STATE_KEY, CONFIG_YAML
+from phi2tutor.memory.planner import AUTO_BATCH
 
 LAST_CHECKPOINT_GLOB = "last*.ckpt"
-# Options that do not change what is trained: they may differ on resume (the changes are printed).
-RESUMABLE_MODEL_OPTIONS = {"adapter_output_dir", "max_new_tokens"}
+# Options that do not change what is trained: they may differ on resume (the changes are printed), and
+# the given value wins over the checkpoint's in every subcommand (validate, test, predict included).
+RESUMABLE_MODEL_OPTIONS = {"adapter_output_dir", "max_new_tokens", "calculator"}
 RESUMABLE_DATA_OPTIONS = {"num_workers", "eval_batch_size", "test_path", "predict_path"}
 # Trainer options that change the optimization: a resumed run with other values is a different run.
 FIXED_TRAINER_OPTIONS = {
@@ -67,7 +69,7 @@ def option_differences(
     for key in sorted(set(saved) | set(given)):
         if key.startswith("_") or key not in given or key not in saved:
             continue
-        before, now = _plain(saved[key]), _plain(given[key])
+        before, now = plain_options(saved[key]), plain_options(given[key])
         if before == now:
             continue
         if isinstance(before, list) and isinstance(now, list) and key == "callbacks":
@@ -114,16 +116,17 @@ def check_resume_options(
     data: dict[str, Any],
     trainer: dict[str, Any],
     saved_config: dict[str, Any] | None,
+    forbidden_before: list[str] | None = None,
 ) -> list[str]:
     """Stop when the command's options would train another model than the checkpoint's run; return the
-    permitted changes (to print)."""
+    permitted changes (to print). ``forbidden_before``: differences found before (resume_auto_micro_batch)."""
     forbidden, permitted = option_differences(
         checkpoint.get("hyper_parameters", {}), model, "model", RESUMABLE_MODEL_OPTIONS
     )
     data_forbidden, data_permitted = option_differences(
         checkpoint.get("datamodule_hyper_parameters", {}), data, "data", RESUMABLE_DATA_OPTIONS
     )
-    forbidden += data_forbidden
+    forbidden = [*(forbidden_before or []), *forbidden, *data_forbidden]
     permitted += data_permitted
     if saved_config is not None:
         saved_trainer = {k: v for k, v in (saved_config.get("trainer") or {}).items() if k != "logger"}
@@ -146,6 +149,82 @@ def check_resume_options(
     return permitted
 
 
+def reconcile_checkpoint_model_options(given: dict[str, Any], model: Any, subcommand: str) -> list[str]:
+    """After LightningCLI replaced the model options with a checkpoint's hyperparameters: put back the
+    given generation options (they do not change the weights) and describe every other option of the
+    command that the checkpoint overrode, one line each (nothing silently ignored).
+
+    ``given`` is the model section as parsed from the command, ``model`` the section after the
+    checkpoint was read (a jsonargparse Namespace, changed in place).
+    """
+    lines = []
+    for key in sorted(given):
+        if key.startswith("_") or key not in model:
+            continue
+        before, now = plain_options(given[key]), plain_options(model[key])
+        if before == now:
+            continue
+        if key in RESUMABLE_MODEL_OPTIONS:
+            model[key] = given[key]
+            lines.append(f"model.{key}: {before!r} as given (the checkpoint's run used {now!r})")
+        elif subcommand != "fit":
+            lines.append(
+                f"model.{key}: the checkpoint's {now!r} is used, not {before!r}: {subcommand} evaluates "
+                "the model the checkpoint holds"
+            )
+    return lines
+
+
+def resume_auto_micro_batch(fit: Any, checkpoint: dict[str, Any]) -> tuple[list[str], str | None]:
+    """``data.batch_size: auto`` on resume means the numbers the run resolved when it started (and after a
+    first-step back-off): its micro-batch and effective batch (the checkpoint's data hyperparameters) and its
+    accumulation (AutoMicroBatch's record). They replace auto in ``fit`` before the options are compared, so
+    a resumed run trains as the interrupted one did. The options auto was resolved from (the effective batch,
+    or the accumulation when none was given) must be the same: (forbidden differences, line to print)."""
+    data = fit.get("data")
+    if data is None or data.get("batch_size") != AUTO_BATCH:
+        return [], None
+    saved_data = checkpoint.get("datamodule_hyper_parameters") or {}
+    record = (checkpoint.get("callbacks") or {}).get(AUTO_MICRO_BATCH_STATE_KEY, {}).get("record") or {}
+    micro_batch = saved_data.get("batch_size")
+    if not isinstance(micro_batch, int) or not record.get("configured"):
+        raise Phi2TutorError(
+            "data.batch_size auto on resume takes the micro-batch and accumulation the run resolved, but this "
+            "checkpoint does not record them (a run of an older phi2tutor): give --data.batch_size and "
+            "--trainer.accumulate_grad_batches as the run trained (its config.yaml)."
+        )
+    configured = record["configured"]
+    forbidden = []
+    given = {
+        "data.effective_batch_size": data.get("effective_batch_size"),
+        "trainer.accumulate_grad_batches": fit.get("trainer.accumulate_grad_batches"),
+    }
+    resolved_from = {
+        "data.effective_batch_size": configured.get("effective_batch_size"),
+        "trainer.accumulate_grad_batches": configured.get("accumulate_grad_batches"),
+    }
+    if resolved_from["data.effective_batch_size"] is not None:
+        del given["trainer.accumulate_grad_batches"]  # replaced by the effective batch's, not an input
+    for option, value in given.items():
+        if plain_options(value) != plain_options(resolved_from[option]):
+            forbidden.append(
+                f"{option}: auto was resolved from {resolved_from[option]!r} in the checkpoint's run, {value!r} now"
+            )
+    effective = saved_data.get("effective_batch_size")
+    replicas = (record.get("choice") or {}).get("replicas") or 1
+    accumulation = (
+        effective // (micro_batch * replicas) if effective else fit.get("trainer.accumulate_grad_batches")
+    )
+    data["batch_size"] = micro_batch
+    data["effective_batch_size"] = effective
+    fit["trainer.accumulate_grad_batches"] = accumulation
+    line = (
+        f"data.batch_size auto: the run's micro-batch {micro_batch} x accumulation {accumulation} (effective "
+        f"batch {effective}), as it resolved when it started"
+    )
+    return forbidden, line
+
+
 def saved_run_config(location: RunLocation | None) -> dict[str, Any] | None:
     """The config.yaml that LightningCLI wrote into the run directory at the start of fit, if any."""
     if location is None or not (location.directory / CONFIG_YAML).is_file():
@@ -155,7 +234,7 @@ def saved_run_config(location: RunLocation | None) -> dict[str, Any] | None:
     return yaml.safe_load((location.directory / CONFIG_YAML).read_text())
 
 
-def _plain(value: Any) -> Any:
+def plain_options(value: Any) -> Any:
     """A jsonargparse Namespace or a dataclass as the dict a checkpoint holds; numbers as floats when whole
     (YAML's 3 and the checkpoint's 3.0 are the same option)."""
     if hasattr(value, "as_dict"):
@@ -165,12 +244,55 @@ def _plain(value: Any) -> Any:
 
         value = asdict(value)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain_options(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain_options(v) for v in value]
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def resolve_checkpoint_path(section: Any, subcommand: str) -> Path | None:
+    """The checkpoint file that ``--ckpt_path`` names (``last``: the newest last.ckpt of the configured
+    run), or None when none is given or Lightning resolves it (``best``, ``hpc``, ``registry``).
+
+    ``section`` is LightningCLI's parsed section of the subcommand; its ckpt_path is set to the file.
+    """
+    requested = section.get("ckpt_path")
+    if not requested or requested in ("hpc", "best", "registry"):
+        return None
+    if requested == "last":
+        search_dirs = _checkpoint_dirs(section, _tensorboard_init_args(section.get("trainer.logger")))
+        checkpoint_path = find_last_checkpoint(search_dirs)
+        if checkpoint_path is None:
+            looked = ", ".join(str(d) for d in search_dirs) or "(no checkpoint directory is configured)"
+            start = (
+                "leave out --ckpt_path to start a new run"
+                if subcommand == "fit"
+                else ("leave out --ckpt_path to evaluate model.adapter_path or the untrained model")
+            )
+            # A process killed between a step checkpoint and its last.ckpt copy leaves only the former.
+            others = [path for directory in search_dirs for path in directory.glob("*.ckpt")]
+            newest = max(others, key=lambda path: path.stat().st_mtime) if others else None
+            if newest is not None:
+                raise Phi2TutorError(
+                    f"--ckpt_path last: no last.ckpt in {looked}, but {newest} is there (the newest "
+                    f"checkpoint): give it as --ckpt_path {newest}, or {start}."
+                )
+            raise Phi2TutorError(
+                f"--ckpt_path last: no last.ckpt in {looked}. Give the checkpoint's path "
+                f"(lightning_logs/version_N/checkpoints/last.ckpt), or {start}; "
+                "a run only writes last.ckpt with a ModelCheckpoint(save_last=true) callback."
+            )
+    else:
+        checkpoint_path = Path(requested)
+        if not checkpoint_path.is_file():
+            raise Phi2TutorError(
+                f"--ckpt_path {requested}: no such checkpoint file. Give the path of a .ckpt a run wrote "
+                "(lightning_logs/version_N/checkpoints/), or `last` for the newest last.ckpt of this config's runs."
+            )
+    section["ckpt_path"] = str(checkpoint_path)
+    return checkpoint_path
 
 
 def resolve_fit_resume(fit: Any) -> None:
@@ -179,34 +301,11 @@ def resolve_fit_resume(fit: Any) -> None:
 
     ``fit`` is LightningCLI's parsed ``fit`` section (a jsonargparse Namespace), changed in place.
     """
-    requested = fit.get("ckpt_path")
-    if not requested or requested in ("hpc", "best", "registry"):
+    checkpoint_path = resolve_checkpoint_path(fit, "fit")
+    if checkpoint_path is None:
         return
     logger = fit.get("trainer.logger")
     logger_args = _tensorboard_init_args(logger)
-    if requested == "last":
-        search_dirs = _checkpoint_dirs(fit, logger_args)
-        checkpoint_path = find_last_checkpoint(search_dirs)
-        if checkpoint_path is None:
-            looked = ", ".join(str(d) for d in search_dirs) or "(no checkpoint directory is configured)"
-            # A process killed between a checkpoint and its last.ckpt copy leaves only the checkpoint.
-            others = [path for directory in search_dirs for path in directory.glob("*.ckpt")]
-            newest = max(others, key=lambda path: path.stat().st_mtime) if others else None
-            if newest is not None:
-                raise Phi2TutorError(
-                    f"--ckpt_path last: no last.ckpt to resume from in {looked}, but {newest} is there (the "
-                    f"newest checkpoint): resume from it with --ckpt_path {newest}, or leave out --ckpt_path "
-                    "to start a new run."
-                )
-            raise Phi2TutorError(
-                f"--ckpt_path last: no last.ckpt to resume from in {looked}. Give the checkpoint's path "
-                "(lightning_logs/version_N/checkpoints/last.ckpt), or leave out --ckpt_path to start a new run; "
-                "a run only writes last.ckpt with a ModelCheckpoint(save_last=true) callback."
-            )
-    else:
-        checkpoint_path = Path(requested)
-        if not checkpoint_path.is_file():
-            raise Phi2TutorError(f"--ckpt_path {requested}: no such checkpoint file.")
     from phi2tutor.loading import check_checkpoint
 
     # A damaged or foreign file stops here with one message (LightningCLI checks it only after this).
@@ -216,15 +315,16 @@ def resolve_fit_resume(fit: Any) -> None:
 
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     location = run_location(checkpoint_path)
+    auto_forbidden, auto_line = resume_auto_micro_batch(fit, checkpoint)
     permitted = check_resume_options(
         checkpoint_path,
         checkpoint,
-        _plain(fit.get("model")) or {},
-        _plain(fit.get("data")) or {},
-        _plain(fit.get("trainer")) or {},
+        plain_options(fit.get("model")) or {},
+        plain_options(fit.get("data")) or {},
+        plain_options(fit.get("trainer")) or {},
         saved_run_config(location),
+        auto_forbidden,
     )
-    fit["ckpt_path"] = str(checkpoint_path)
     from lightning.pytorch.utilities import rank_zero_info
 
     where = "a new run directory"
@@ -240,6 +340,8 @@ def resolve_fit_resume(fit: Any) -> None:
         f"phi2tutor | resuming from {checkpoint_path} (epoch {checkpoint['epoch'] + 1}, step "
         f"{checkpoint['global_step']}) into {where}"
     )
+    if auto_line:
+        rank_zero_info(f"phi2tutor | {auto_line}")
     for line in permitted:
         rank_zero_info(f"phi2tutor | changed on resume: {line}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -77,3 +78,13 @@ def tiny_tutor_run(tmp_path_factory) -> Path:
     from tests.tutor_run import train_tiny_tutor
 
     return train_tiny_tutor(tmp_path_factory.mktemp("tutor"))
+
+
+@pytest.fixture
+def lightning_messages(caplog):
+    """What Lightning prints (its logger does not propagate to the root logger caplog listens on)."""
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    lightning_logger.removeHandler(caplog.handler)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from phi2tutor.cli import main
 from phi2tutor.doctor import ConfigFacts, GpuFacts, MachineFacts, diagnose, render
@@ -36,6 +37,19 @@ def files_under(path: Path) -> list[str]:
     ("override", "words"),
     [
         ({"args": ["--data.batch_size", "-1"]}, "data.batch_size=-1 is invalid"),
+        (
+            {"args": ["--data.batch_size", "autox"]},
+            "data.batch_size='autox' is invalid: it must be a positive integer, or auto",
+        ),
+        (
+            {"args": ["--data.batch_size", "0"]},
+            "data.batch_size=0 is invalid: it must be a positive integer, or auto",
+        ),
+        (
+            # Found when the Trainer is there (devices x nodes): after the data audit, which is removed too.
+            {"args": ["--data.batch_size", "3", "--data.effective_batch_size", "8"]},
+            "The effective batch 8 (data.effective_batch_size) is not a multiple of micro-batch 3 x 1 device(s)",
+        ),
         ({"args": ["--model.lora_r", "0"]}, "model.lora_r=0 is invalid"),
         (
             {"callbacks": [{"class_path": "callbacks.phases.PhaseDetection", "init_args": {"window": 0}}]},
@@ -72,6 +86,19 @@ def files_under(path: Path) -> list[str]:
             "no directory exists",
         ),
         (
+            {"args": ["--trainer.max_epochs", "-3"]},
+            "Lightning rejects the trainer configuration: `max_epochs` must be a non-negative integer",
+        ),
+        pytest.param(
+            {"args": ["--trainer.accelerator", "gpu"]},
+            "no usable GPU to this torch build: run `phi2tutor doctor`",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+        (
+            {"args": ["--model.model_name_or_path", "./my-model"]},
+            "model.model_name_or_path='./my-model' would not be loaded: give one of the two",
+        ),
+        (
             {"args": ["--trainer.logger.init_args.save_dir", "/sys/phi2tutor-test"]},
             "Cannot write /sys/phi2tutor-test",
         ),
@@ -101,8 +128,6 @@ def test_bad_input_is_one_paragraph_exit_2_nothing_left(
 
 
 def test_damaged_checkpoints_and_adapter(tmp_path: Path, capsys) -> None:
-    import torch
-
     (tmp_path / "empty.ckpt").write_bytes(b"")
     torch.save({"a": 1}, tmp_path / "foreign.ckpt")
     (tmp_path / "adapter").mkdir()
@@ -115,6 +140,12 @@ def test_damaged_checkpoints_and_adapter(tmp_path: Path, capsys) -> None:
         # fit reads the checkpoint first to resume (phi2tutor.resume): the same messages
         ("fit", ["--ckpt_path", str(tmp_path / "empty.ckpt")], "is empty (0 bytes)"),
         ("fit", ["--ckpt_path", str(tmp_path / "foreign.ckpt")], "not a Lightning checkpoint"),
+        (
+            "validate",
+            ["--ckpt_path", str(tmp_path / "missing.ckpt")],
+            "missing.ckpt: no such checkpoint file",
+        ),
+        ("test", ["--ckpt_path", "last"], "--ckpt_path last: no last.ckpt in"),
     ):
         code, err = run_cli([command, "--config", str(config), *args], capsys)
         assert code == 2 and words in err, err
@@ -128,6 +159,12 @@ def test_damaged_checkpoints_and_adapter(tmp_path: Path, capsys) -> None:
             ["--model.lora_r", "0"],
             "phi2tutor: error: model.lora_r=0 is invalid: it must be a positive integer (the LoRA rank, e.g. 8 "
             "or 16). Fix the option.",
+        ),
+        (
+            # A value of the wrong type: one paragraph, not jsonargparse's usage dump.
+            ["--data.batch_size", "autox"],
+            "phi2tutor: error: data.batch_size='autox' is invalid: it must be a positive integer, or auto (the "
+            "largest micro-batch the memory planner fits in the budget). Fix the option.",
         ),
         (
             # jsonargparse wraps a callback's constructor error in a Union ValueError with a Namespace dump.
@@ -156,10 +193,15 @@ def test_no_traceback_reaches_stderr_of_the_real_command(
     assert "Namespace(" not in result.stderr
 
 
-def test_default_root_dir_and_logger_false_through_the_cli(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_default_root_dir_and_logger_false_through_the_cli(
+    tmp_path: Path, capsys, monkeypatch, lightning_messages
+) -> None:
     monkeypatch.chdir(tmp_path)
     config = tiny_config(tmp_path, trainer={"max_epochs": 1})
     del config["trainer"]["logger"], config["trainer"]["default_root_dir"]
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+    ]
     path = write_yaml(tmp_path / "c.yaml", config)
     assert run_cli(["fit", "--config", str(path), "--trainer.default_root_dir", "out"], capsys)[0] == 0
     run_dir = tmp_path / "out" / "lightning_logs" / "version_0"
@@ -167,6 +209,15 @@ def test_default_root_dir_and_logger_false_through_the_cli(tmp_path: Path, capsy
         run_dir / "config.yaml"
     ).is_file()
     assert not (tmp_path / "lightning_logs").exists()
+    # `last` is looked for where the run wrote it: under default_root_dir.
+    code, _ = run_cli(
+        ["validate", "--config", str(path), "--trainer.default_root_dir", "out", "--ckpt_path", "last"],
+        capsys,
+    )
+    assert code == 0
+    assert "weights from the checkpoint at out/lightning_logs/version_0/checkpoints/last.ckpt" in (
+        lightning_messages.text
+    )
     assert run_cli(["fit", "--config", str(path), "--trainer.logger", "false"], capsys)[0] == 0
     assert not (tmp_path / "config.yaml").exists()  # no run directory: nothing dropped into the cwd
 
@@ -212,7 +263,8 @@ def test_doctor_on_a_gtx_1050_ti_with_a_cuda_12_8_torch() -> None:
     text = render(diagnose(facts, config))
     assert "no kernels for the NVIDIA GeForce GTX 1050 Ti (sm_61)" in text
     assert (
-        "fix: pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu126" in text
+        "fix: pip install --force-reinstall torch==2.8.0 --index-url https://download.pytorch.org/whl/cu126"
+        in text
     )
     assert (
         "c.yaml asks for bf16" in text and "compute_dtype: float16 with trainer.precision: 16-mixed" in text
@@ -231,6 +283,11 @@ def test_doctor_on_an_ampere_card_that_is_short_of_memory_and_on_the_cpu() -> No
     assert "does not fit" in render(findings) and "bf16 is supported" in render(findings)
     cpu = diagnose(MachineFacts(torch_version="2.13.0+cpu", torch_cuda=None, bnb_version="0.50"))
     assert cpu[0].level == "note" and "No CUDA device" in cpu[0].message and "the demo" in cpu[0].message
+    assert cpu[0].fix == (
+        "on a machine with an NVIDIA GPU: pip install --force-reinstall torch==2.13.0 --index-url "
+        "https://download.pytorch.org/whl/cu128 (GTX 10xx: pip install --force-reinstall torch==2.13.0 "
+        "--index-url https://download.pytorch.org/whl/cu126)"
+    )
 
 
 def test_doctor_reads_the_config_as_fit_and_plan_do() -> None:

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
+from transformers import PreTrainedTokenizerFast
 
 from phi2tutor.cli import main
 from phi2tutor.events import read_scalars, read_texts
+from phi2tutor.tokenizer import bundled_tokenizer_path
 from tests.conftest import tiny_config, write_yaml
 
 MATH_EVAL = {
@@ -112,3 +115,41 @@ def test_score_command_names_the_bad_line(tmp_path: Path, capsys) -> None:
         main(["score", str(path)])
     err = capsys.readouterr().err
     assert "line 2" in err and "answer" in err and "Traceback" not in err
+
+
+def test_evaluation_with_a_checkpoint_says_which_options_the_checkpoint_overrides(
+    evaluated_run, lightning_messages
+) -> None:
+    """validate evaluates the checkpoint's model: a structural option given beside --ckpt_path cannot take
+    effect and is named; a generation option given takes effect over the checkpoint's."""
+    run_dir, checkpoint = evaluated_run
+    saved_rank = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["lora_r"]
+    main(
+        ["validate", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint)]
+        + ["--model.lora_r", str(saved_rank * 2), "--model.max_new_tokens", "3"]
+    )
+    log = lightning_messages.text
+    assert (
+        f"model.lora_r: the checkpoint's {saved_rank} is used, not {saved_rank * 2}: validate evaluates"
+        in log
+    )
+    assert "model.max_new_tokens: 3 as given (the checkpoint's run used" in log
+
+
+def test_predict_with_a_checkpoint_generates_with_the_given_max_new_tokens(
+    evaluated_run, tmp_path: Path
+) -> None:
+    run_dir, checkpoint = evaluated_run
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question": "Ana has 3 apples and buys 2 more. How many?"}) + "\n")
+    output = tmp_path / "predictions.jsonl"
+    main(
+        ["predict", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(checkpoint)]
+        + ["--data.predict_path", str(questions), "--model.max_new_tokens", "1"]
+        + ["--trainer.callbacks+=callbacks.predictions.PredictionWriter"]
+        + [f"--trainer.callbacks.output_path={output}"]
+    )
+    generation = json.loads(output.read_text())["generation"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(bundled_tokenizer_path())
+    # The checkpoint's run generated up to the default 256 tokens: one token now, as given.
+    assert len(tokenizer(generation, add_special_tokens=False)["input_ids"]) <= 1

@@ -391,6 +391,10 @@ def test_plan_gives_fits_estimate_with_overrides_and_linked_arguments(tmp_path: 
     assert plan["settings"]["accumulate_grad_batches"] == 2
     assert plan["budget_mb"] == 512  # the profiler's budget in the config
     plan.pop("max_micro_batch")
+    assert plan.pop("budget_from") == "GPUMemoryProfiler.budget_mb"
+    assert (
+        plan.pop("auto_micro_batch")["batch_size_is_auto"] is False
+    )  # what auto would pick (test_micro_batch)
     assert plan == fitted
 
 

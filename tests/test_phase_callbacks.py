@@ -6,7 +6,6 @@ stop epoch the callbacks produce can be compared with what the rule in phi2tutor
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -130,16 +129,6 @@ def read_events(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict
         for tag in accumulator.Tags()["tensors"]
     }
     return scalars, texts
-
-
-@pytest.fixture
-def lightning_messages(caplog):
-    """What Lightning prints (its logger does not propagate to the root logger caplog listens on)."""
-    lightning_logger = logging.getLogger("lightning.pytorch")
-    lightning_logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO)
-    yield caplog
-    lightning_logger.removeHandler(caplog.handler)
 
 
 def test_reference_run_phases_and_stop_through_the_trainer(tmp_path, lightning_messages):

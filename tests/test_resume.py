@@ -267,8 +267,8 @@ def test_last_without_last_ckpt_names_the_newest_checkpoint_there(tmp_path, caps
         main(["fit", "--config", str(config_path), "--ckpt_path", "last"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert f"no last.ckpt to resume from in {checkpoints}, but {checkpoints / 'step=4.ckpt'} is there" in err
-    assert f"resume from it with --ckpt_path {checkpoints / 'step=4.ckpt'}" in err
+    assert f"no last.ckpt in {checkpoints}, but {checkpoints / 'step=4.ckpt'} is there" in err
+    assert f"give it as --ckpt_path {checkpoints / 'step=4.ckpt'}, or leave out --ckpt_path" in err
 
 
 class OutOfMemoryAtStep(Callback):

@@ -125,7 +125,8 @@ TEXT: dict[str, dict[str, str]] = {
         "{improvement}%.",
         "rec_larger_micro_batch": "Memory headroom: the peak used {pct}% of the {budget} MB budget ({headroom} MB "
         "free). By the memory planner a micro-batch (data.batch_size) of up to {largest} fits, now {batch}: "
-        "raise it and lower trainer.accumulate_grad_batches to keep the effective batch, for faster epochs.",
+        "raise it and lower trainer.accumulate_grad_batches to keep the effective batch (data.batch_size: auto "
+        "does both), for faster epochs.",
         "rec_memory_tight": "Memory is tight: the peak used {pct}% of the budget (over {threshold}%, {headroom} MB "
         "free). Lower data.batch_size or data.max_length, or turn on gradient checkpointing, before "
         "anything makes a step longer.",
@@ -267,7 +268,7 @@ TEXT: dict[str, dict[str, str]] = {
         "rec_larger_micro_batch": "Margen de memoria: el pico usó el {pct}% de los {budget} MB del presupuesto "
         "(quedan {headroom} MB). Según el planificador de memoria cabe un micro-lote (data.batch_size) de hasta "
         "{largest}, ahora {batch}: súbelo y baja trainer.accumulate_grad_batches para conservar el lote "
-        "efectivo; las épocas serán más rápidas.",
+        "efectivo (data.batch_size: auto hace ambas cosas); las épocas serán más rápidas.",
         "rec_memory_tight": "La memoria va justa: el pico usó el {pct}% del presupuesto (más del {threshold}%, "
         "quedan {headroom} MB). Baja data.batch_size o data.max_length, o activa el gradient checkpointing, "
         "antes de que algo alargue un paso.",
