@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from phi2tutor.errors import attach_explanation, check_option, first_line
 from phi2tutor.keys import MEMORY_JSON, MEMORY_PREFIX
-from phi2tutor.memory import MB, MemoryEstimate, format_breakdown_table
+from phi2tutor.memory import MB, MemoryEstimate, format_breakdown_table, ways_to_fit
+from phi2tutor.report.text import fitting_advice
 
 SNAPSHOT_FILE = "memory_snapshot.pickle"
 SNAPSHOT_MAX_ENTRIES = 100_000
@@ -85,28 +86,9 @@ def memory_table(record: dict[str, Any]) -> str:
 
 
 def _advice(settings: dict[str, Any] | None) -> list[str]:
-    """Concrete ways to lower the peak, mentioning the current values when the plan knows them."""
-    s = settings or {}
-    batch = f" (now {s['micro_batch']})" if "micro_batch" in s else ""
-    length = f" (now {s['max_length']})" if "max_length" in s else ""
-    advice = [
-        f"lower data.batch_size{batch} and raise trainer.accumulate_grad_batches by the same factor: "
-        "same effective batch, activations shrink with the micro-batch",
-        f"lower data.max_length{length}: activations and attention scores grow with it",
-    ]
-    if not s.get("gradient_checkpointing", False):
-        advice.append(
-            "set model.gradient_checkpointing: true (keeps one layer's activations, recomputes the rest)"
-        )
-    if s.get("quantization") not in ("nf4", "nf4-double"):
-        advice.append(
-            "set model.quantization: nf4-double (4-bit frozen base: ~1.2 GB of Phi-2's 5 GB of weights)"
-        )
-    if s.get("optimizer") not in ("adamw8bit", "paged_adamw8bit"):
-        advice.append(
-            "set model.optimizer: paged_adamw8bit (8-bit optimizer states, paged out under pressure)"
-        )
-    return advice
+    """Concrete ways to lower the peak, mentioning the current values when the plan knows them (the same
+    words as the report's)."""
+    return fitting_advice(ways_to_fit(settings))
 
 
 class GPUMemoryProfiler(Callback):
@@ -255,7 +237,14 @@ class GPUMemoryProfiler(Callback):
                 return
             summary = self.summary(trainer)
             message = self.out_of_memory_message(trainer, summary, exception)
-            summary.update(oom=True, message=message)
+            # What the report states of the failure: where, and the ways to fit (its own words, en or es).
+            summary.update(
+                oom=True,
+                oom_step=trainer.global_step,
+                oom_epoch=trainer.current_epoch + 1,
+                ways_to_fit=ways_to_fit(self._estimate.settings if self._estimate else None),
+                message=message,
+            )
             if trainer.is_global_zero:
                 self._write_json(trainer, summary)
             attach_explanation(exception, message)

@@ -6,6 +6,7 @@ training report of phi2tutor.report.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -171,6 +172,9 @@ class TrainingReport(Callback):
         )
         self.report_path = report_directory(run_dir, self.output_dir) / REPORT_MD
         general = report["general"]
+        if report["phases"] is None:  # stopped before a loss was logged
+            rank_zero_info(f"phi2tutor | training report: {self.report_path} | no training loss was logged")
+            return
         rank_zero_info(
             f"phi2tutor | training report: {self.report_path} | final loss {general['final_loss']}, mean loss "
             f"{general['mean_loss']}, total loss reduction {report['phases']['total_reduction_pct']}%"
@@ -201,6 +205,7 @@ class TrainingReport(Callback):
             "max_epochs": trainer.max_epochs,
             "max_steps": trainer.max_steps,
             "global_step": trainer.global_step,
+            "steps_per_epoch": steps_per_epoch(trainer),
             "stop": stop,
             "calculator": calculator_info(pl_module),
         }
@@ -250,6 +255,15 @@ def stop_reason(trainer: pl.Trainer) -> dict[str, Any]:
     if trainer.should_stop:
         return {"reason": "stopped", "epoch": trainer.current_epoch}
     return {"reason": "unknown"}
+
+
+def steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in an epoch: the epoch's micro-batches (limit_train_batches applied) over the
+    accumulation, the last step shorter (Lightning steps on an epoch's last batch); None when unknown."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches <= 0:  # inf before the loader is set up, or a stream
+        return None
+    return math.ceil(batches / trainer.accumulate_grad_batches)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

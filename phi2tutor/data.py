@@ -40,9 +40,11 @@ class TokenizedExample:
     example_id: int
     input_ids: list[int]
     prompt_length: int
-    # Answer tokens of the whole optimizer step this example is trained in (all micro-batches, all
-    # processes); set by TrainingSampler, None outside training.
+    # Answer tokens of the whole optimizer step this example is trained in (all its trained micro-batches,
+    # on the step_processes processes whose data the sampler orders); set by TrainingSampler, None outside
+    # training.
     step_target_tokens: int | None = None
+    step_processes: int = 1
 
     @property
     def target_tokens(self) -> int:
@@ -51,10 +53,12 @@ class TokenizedExample:
 
 
 class StepIndex(NamedTuple):
-    """An index that TrainingSampler yields: the example, and the target tokens of its optimizer step."""
+    """An index that TrainingSampler yields: the example, the target tokens of its optimizer step, and how
+    many processes' micro-batches that count covers."""
 
     example: int
     step_target_tokens: int
+    step_processes: int = 1
 
 
 class TokenizedDataset(Dataset):
@@ -66,7 +70,11 @@ class TokenizedDataset(Dataset):
 
     def __getitem__(self, index: int | StepIndex) -> TokenizedExample:
         if isinstance(index, StepIndex):
-            return replace(self.examples[index.example], step_target_tokens=index.step_target_tokens)
+            return replace(
+                self.examples[index.example],
+                step_target_tokens=index.step_target_tokens,
+                step_processes=index.step_processes,
+            )
         return self.examples[index]
 
 
@@ -121,7 +129,10 @@ class TrainingSampler(DistributedSampler):
 
     A DistributedSampler subclass, so Lightning uses it as it is under DDP instead of wrapping it in a
     sampler that shuffles again. ``resume_at`` = (epoch, micro-batches already trained in it) skips those
-    batches the first time that epoch is iterated.
+    batches the first time that epoch is iterated. ``limit_batches`` is the Trainer's
+    limit_train_batches: the micro-batches past it are never trained, so the epoch's last step counts
+    only the tokens of those that are (Lightning steps the optimizer on an epoch's last batch, mid
+    accumulation or not).
     """
 
     def __init__(
@@ -133,6 +144,7 @@ class TrainingSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         resume_at: tuple[int, int] | None = None,
+        limit_batches: int | float = 1.0,
     ) -> None:
         super().__init__(order, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         self.order = order
@@ -140,6 +152,7 @@ class TrainingSampler(DistributedSampler):
         self.batch_size = batch_size
         self.accumulation = max(1, accumulation)
         self.resume_at = resume_at
+        self.limit_batches = limit_batches
         # Constructed at the resumed epoch: a DataLoader with workers draws its first indices when its
         # iterator is made, before Lightning calls set_epoch.
         self.set_epoch(resume_at[0] if resume_at else 0)
@@ -158,15 +171,25 @@ class TrainingSampler(DistributedSampler):
             self.resume_at = None
         order = list(self.order)
         order += (order * math.ceil(self.total_size / max(1, len(order))))[: self.total_size - len(order)]
+        # Positions of the micro-batches this epoch trains: Lightning's own limit_train_batches rule.
+        trained = self.trained_batches() * self.batch_size * self.num_replicas
         step_size = self.batch_size * self.accumulation * self.num_replicas  # positions per optimizer step
         step_tokens = [
-            sum(self.target_tokens[i] for i in order[start : start + step_size])
+            sum(self.target_tokens[i] for i in order[start : min(start + step_size, trained)])
             for start in range(0, len(order), step_size)
         ]
         for position in range(
             self.rank + skip_batches * self.batch_size * self.num_replicas, len(order), self.num_replicas
         ):
-            yield StepIndex(order[position], step_tokens[position // step_size])
+            yield StepIndex(order[position], step_tokens[position // step_size], self.num_replicas)
+
+    def trained_batches(self) -> int:
+        """Micro-batches of this process that an epoch trains: all of them, or limit_train_batches's share."""
+        from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+        from lightning.pytorch.trainer.states import RunningStage
+
+        batches = math.ceil(self.num_samples / self.batch_size)
+        return int(_parse_num_batches(RunningStage.TRAINING, batches, self.limit_batches))
 
 
 def collate_examples(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -193,6 +216,7 @@ def collate_examples(examples: list[TokenizedExample], pad_token_id: int) -> dic
     }
     if examples[0].step_target_tokens is not None:
         batch["step_target_tokens"] = torch.tensor(examples[0].step_target_tokens, dtype=torch.long)
+        batch["step_processes"] = torch.tensor(examples[0].step_processes, dtype=torch.long)
     return batch
 
 
@@ -606,6 +630,7 @@ class MathDataModule(LightningDataModule):
             batch_size,
             accumulation=trainer.accumulate_grad_batches if trainer is not None else 1,
             resume_at=self._resume_at,
+            limit_batches=trainer.limit_train_batches if trainer is not None else 1.0,
             **replicas,
         )
 

@@ -181,6 +181,16 @@ class TutorModule(LightningModule):
         # What the calculator did in the latest generate() call (None: it was off).
         self.last_calculator_counts: CalculatorCounts | None = None
         self._equals_token_ids: frozenset[int] | None = None
+        # train/loss_epoch, the epoch mean PhaseDetection and PlateauStopping follow. A torchmetrics mean (synced
+        # over processes) whose state travels in checkpoints: Lightning 2 does not save its own epoch
+        # accumulators, so after a mid-epoch resume its mean would cover only the resumed part of the epoch.
+        from torchmetrics import MeanMetric
+
+        self.train_epoch_loss = MeanMetric()
+        self.train_epoch_loss.persistent(True)
+        self._epoch_loss_epoch: int | None = None  # the epoch whose micro-batches train_epoch_loss holds
+        self._lr_schedule: dict[str, int] | None = None  # warmup and schedule steps, saved in checkpoints
+        self._checkpoint_lr_schedule: dict[str, int] | None = None  # the resumed checkpoint's
         # Checkpoints hold only trainable weights: the frozen base is loaded from its source.
         self.strict_loading = False
 
@@ -345,9 +355,12 @@ class TutorModule(LightningModule):
         processes) over their total target tokens, as one large batch would have it, so every answer
         token weighs the same whatever the micro-batch, accumulation and process count (transformers'
         Trainer does the same with num_items_in_batch). The sampler tags each batch with that total
-        (``step_target_tokens``). Lightning divides the returned loss by accumulate_grad_batches (also
-        for an epoch's shorter last step) and DDP averages gradients over processes: both are multiplied
-        back here. The logged train/loss stays this micro-batch's own per-token mean.
+        (``step_target_tokens``, counting only the micro-batches the step trains) and with the number of
+        processes it covers (``step_processes``). No all-reduce is needed: every process's sampler holds
+        the one global order, so each knows the whole step's total before the step starts. Lightning
+        divides the returned loss by accumulate_grad_batches (also for an epoch's shorter last step) and
+        DDP averages gradients over processes: both are multiplied back here. The logged train/loss stays
+        this micro-batch's own per-token mean.
         """
         loss_sum = self.target_token_loss(batch, reduction="sum")
         tokens = (batch["labels"][:, 1:] != -100).sum()
@@ -356,15 +369,21 @@ class TutorModule(LightningModule):
         if step_tokens is None:  # a loader without the tag: each micro-batch weighs the same
             objective = token_mean
         else:
-            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-            objective = loss_sum * scale / step_tokens
+            # The processes the count covers: all of them, or (use_distributed_sampler=False, every
+            # process ordering all the data itself) this one, whose gradient DDP then averages with its
+            # equals. Tensors on the device: no host sync per micro-batch.
+            processes = batch["step_processes"]
+            objective = loss_sum * (self.trainer.accumulate_grad_batches * processes) / step_tokens
         batch_size = batch["input_ids"].shape[0]
         self.log(
             LOSS_STEP_KEY, token_mean, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size
         )
-        self.log(
-            LOSS_EPOCH_KEY, token_mean, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size
-        )
+        if self._epoch_loss_epoch != self.current_epoch:  # a new epoch (or a checkpoint's finished one)
+            self.train_epoch_loss.reset()
+            self._epoch_loss_epoch = self.current_epoch
+        # Weighted by the micro-batch's examples, as Lightning's own epoch mean of a logged tensor is.
+        self.train_epoch_loss.update(token_mean.detach(), weight=batch_size)
+        self.log(LOSS_EPOCH_KEY, self.train_epoch_loss, on_step=False, on_epoch=True)
         return {"loss": objective, "token_mean_loss": token_mean.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -404,17 +423,36 @@ class TutorModule(LightningModule):
 
             cls = bnb.optim.PagedAdamW8bit if hp.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
             optimizer = cls(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        max_epochs = self.trainer.max_epochs
-        if hp.lr_schedule_epochs is not None and max_epochs and max_epochs > 0:
-            total_steps = max(1, round(total_steps * min(1.0, hp.lr_schedule_epochs / max_epochs)))
-        warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total_steps)
+        warmup, total_steps = self._lr_schedule_length()
         scheduler = warmup_cosine_schedule(optimizer, warmup, total_steps, hp.min_lr_ratio)
         # The name is the TensorBoard key LearningRateMonitor logs under.
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": LR_KEY},
         }
+
+    def _lr_schedule_length(self) -> tuple[int, int]:
+        """(warmup, warmup + cosine) optimizer steps: from this run's options, or the checkpoint's when resuming.
+
+        A resumed run may have another max_epochs (a longer budget), which would stretch a schedule that
+        spans the whole run and make the rate jump at the resumed step: it keeps the schedule it started with.
+        """
+        hp = self.hparams
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        max_epochs = self.trainer.max_epochs
+        if hp.lr_schedule_epochs is not None and max_epochs and max_epochs > 0:
+            total_steps = max(1, round(total_steps * min(1.0, hp.lr_schedule_epochs / max_epochs)))
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else round(hp.warmup_fraction * total_steps)
+        saved = self._checkpoint_lr_schedule
+        if saved is not None and (saved["warmup_steps"], saved["schedule_steps"]) != (warmup, total_steps):
+            rank_zero_info(
+                f"phi2tutor | learning-rate schedule kept from the checkpoint: warmup {saved['warmup_steps']} + "
+                f"cosine to {saved['schedule_steps']} optimizer steps (this run's options would make it "
+                f"{warmup} + {total_steps}; a new run without --ckpt_path takes them)"
+            )
+            warmup, total_steps = int(saved["warmup_steps"]), int(saved["schedule_steps"])
+        self._lr_schedule = {"warmup_steps": warmup, "schedule_steps": total_steps}
+        return warmup, total_steps
 
     # ------------------------------------------------------------------ checkpoints and adapters
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -423,9 +461,19 @@ class TutorModule(LightningModule):
         for logger in self.trainer.loggers:
             logger.save()
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["state_dict"] = {
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if k in trainable or k.startswith("train_epoch_loss.")
+        }
+        checkpoint["train_epoch_loss_epoch"] = self._epoch_loss_epoch
+        if self._lr_schedule is not None:
+            checkpoint["lr_schedule"] = dict(self._lr_schedule)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The epoch the saved epoch-loss state belongs to: continued when the resume is inside that epoch.
+        self._epoch_loss_epoch = checkpoint.get("train_epoch_loss_epoch")
+        self._checkpoint_lr_schedule = checkpoint.get("lr_schedule")
         expected = {name for name, p in self.named_parameters() if p.requires_grad}
         missing = expected - set(checkpoint["state_dict"])
         if missing:

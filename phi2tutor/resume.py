@@ -73,11 +73,40 @@ def option_differences(
         if before == now:
             continue
         if isinstance(before, list) and isinstance(now, list) and key == "callbacks":
-            line = f"{section}.{key}: other callbacks or callback settings than the checkpoint's run"
+            lines = callback_differences(before, now, f"{section}.{key}")
         else:
-            line = f"{section}.{key}: {before!r} in the checkpoint, {now!r} now"
-        (permitted if key in allowed else forbidden).append(line)
+            lines = [f"{section}.{key}: {before!r} in the checkpoint, {now!r} now"]
+        (permitted if key in allowed else forbidden).extend(lines)
     return forbidden, permitted
+
+
+def callback_differences(saved: list[Any], given: list[Any], where: str) -> list[str]:
+    """One line per callback added or removed and per changed setting, callbacks paired by class and order
+    (the second ModelCheckpoint with the second)."""
+
+    def keyed(callbacks: list[Any]) -> dict[tuple[str, int], dict[str, Any]]:
+        result: dict[tuple[str, int], dict[str, Any]] = {}
+        for callback in callbacks:
+            entry = callback if isinstance(callback, dict) else {"class_path": str(callback)}
+            name = str(entry.get("class_path", "?")).rsplit(".", 1)[-1]
+            count = sum(1 for other, _ in result if other == name)
+            result[(name, count)] = dict(entry.get("init_args") or {})
+        return result
+
+    before, now = keyed(saved), keyed(given)
+    lines = []
+    for key in [*before, *(k for k in now if k not in before)]:
+        label = key[0] if key[1] == 0 else f"{key[0]} #{key[1] + 1}"
+        if key not in now:
+            lines.append(f"{where}: {label} removed")
+        elif key not in before:
+            lines.append(f"{where}: {label} added")
+        else:
+            for option in sorted(set(before[key]) | set(now[key])):
+                old, new = before[key].get(option), now[key].get(option)
+                if old != new:
+                    lines.append(f"{where}: {label}.{option}: {old!r} in the checkpoint, {new!r} now")
+    return lines
 
 
 def check_resume_options(
@@ -242,6 +271,14 @@ def resolve_checkpoint_path(section: Any, subcommand: str) -> Path | None:
                 if subcommand == "fit"
                 else ("leave out --ckpt_path to evaluate model.adapter_path or the untrained model")
             )
+            # A process killed between a step checkpoint and its last.ckpt copy leaves only the former.
+            others = [path for directory in search_dirs for path in directory.glob("*.ckpt")]
+            newest = max(others, key=lambda path: path.stat().st_mtime) if others else None
+            if newest is not None:
+                raise Phi2TutorError(
+                    f"--ckpt_path last: no last.ckpt in {looked}, but {newest} is there (the newest "
+                    f"checkpoint): give it as --ckpt_path {newest}, or {start}."
+                )
             raise Phi2TutorError(
                 f"--ckpt_path last: no last.ckpt in {looked}. Give the checkpoint's path "
                 f"(lightning_logs/version_N/checkpoints/last.ckpt), or {start}; "

@@ -59,3 +59,17 @@ def test_config_instantiates_through_the_cli(path: Path) -> None:
     with torch.autocast("cpu", dtype=torch.float16, enabled=cli.model.hparams.compute_dtype == "float16"):
         loss = cli.model.target_token_loss(batch)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_checkpoints_every_n_steps_and_at_epoch_ends_into_one_last_ckpt(path: Path) -> None:
+    """A long run must lose little to a crash and resume with --ckpt_path last: a ModelCheckpoint every N
+    optimizer steps and one at epoch ends (after validation), both writing the one last.ckpt."""
+    callbacks = yaml.safe_load(path.read_text())["trainer"]["callbacks"]
+    checkpoints = [c.get("init_args") or {} for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    stepwise = [c for c in checkpoints if c.get("every_n_train_steps")]
+    at_epoch_end = [c for c in checkpoints if not c.get("every_n_train_steps")]
+    assert stepwise and at_epoch_end, path.name
+    for checkpoint in checkpoints:
+        # A version counter would write last-v1.ckpt beside last.ckpt: two "last" files.
+        assert checkpoint.get("save_last") is True and checkpoint.get("enable_version_counter") is False

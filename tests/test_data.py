@@ -129,6 +129,28 @@ def test_json_and_parquet_sources(tmp_path: Path) -> None:
         ),
         (
             lambda p: {
+                "train_path": str(
+                    write_jsonl(p / "t.jsonl", [*ROWS, {"question": "Q?", "answer": ["3 + 4 = 7", "#### 7"]}])
+                )
+            },
+            """line 5 has a 'answer' that is not text but ["3 + 4 = 7", "#### 7"]""",
+        ),
+        (
+            lambda p: {
+                "train_path": str(write_jsonl(p / "t.jsonl", [{"question": None, "answer": "#### 1"}]))
+            },
+            "line 1 has a 'question' that is not text but null",
+        ),
+        (
+            lambda p: {
+                "train_path": str(
+                    write_jsonl(p / "t.jsonl", [*ROWS, {"question": "Q?", "answer": "#### seven"}])
+                )
+            },
+            'line 5 has an answer whose final "#### seven" is not a number',
+        ),
+        (
+            lambda p: {
                 "train_path": str(write_jsonl(p / "t.jsonl", ROWS)),
                 "val_path": str(write_jsonl(p / "v.jsonl", [])),
             },
@@ -161,7 +183,14 @@ def test_prompt_longer_than_max_length_is_an_error_or_skipped(tmp_path: Path) ->
 
 
 def test_skip_invalid_rows_reports_count(tmp_path: Path, caplog) -> None:
-    rows = [*ROWS, {"question": "Q?", "answer": "no final answer"}, {"q": "x"}]
+    rows = [
+        *ROWS,
+        {"question": "Q?", "answer": "no final answer"},
+        {"q": "x"},
+        {"question": "Q?", "answer": ["3 + 4 = 7", "#### 7"]},
+        {"question": None, "answer": "#### 1"},
+        {"question": "Q?", "answer": "#### seven"},
+    ]
     data = datamodule(
         source="files",
         train_path=str(write_jsonl(tmp_path / "t.jsonl", rows)),
@@ -171,7 +200,7 @@ def test_skip_invalid_rows_reports_count(tmp_path: Path, caplog) -> None:
     with caplog.at_level("INFO"):
         rows_by_split = data.load_rows()
     assert len(rows_by_split["train"]) + len(rows_by_split["val"]) == 4
-    assert "skipped 2 invalid rows" in caplog.text
+    assert "skipped 5 invalid rows" in caplog.text
 
 
 def test_cli_prints_one_paragraph_error_without_traceback(tmp_path: Path, capsys) -> None:

@@ -340,6 +340,17 @@ def test_error_for_a_reference_without_final_answer(tmp_path: Path) -> None:
         score_predictions(path)
 
 
+def test_error_for_a_reference_whose_final_answer_is_not_a_number(tmp_path: Path) -> None:
+    """The training data's rule: "#### " must be followed by a number."""
+    path = _write_lines(
+        tmp_path / "ref.jsonl", [json.dumps({"prediction": "#### 7", "answer": "#### seven"})]
+    )
+    with pytest.raises(
+        Phi2TutorError, match=r"line 1: the reference 'answer' \('#### seven'\) states no final"
+    ):
+        score_predictions(path)
+
+
 def test_error_for_a_field_that_is_not_text(tmp_path: Path) -> None:
     path = _write_lines(tmp_path / "type.jsonl", [json.dumps({"prediction": ["#### 1"], "answer": "1"})])
     with pytest.raises(Phi2TutorError, match=r'line 1: field \'prediction\' is \["#### 1"\], not text'):

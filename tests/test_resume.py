@@ -130,12 +130,21 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+# Logged values that measure the machine, not the training: they differ between any two runs.
+MACHINE_TAGS = ("memory/", "budget/", "hparams/peak_memory_mb", "val/answer_eval_seconds")
+
+
 def assert_same_training(resumed: Path, uninterrupted: Path) -> None:
-    expected = read_scalars(uninterrupted)[LOSS_STEP_KEY]
-    got = read_scalars(resumed)[LOSS_STEP_KEY]
-    assert [step for step, _ in got] == [step for step, _ in expected]
-    for (step, value), (_, reference) in zip(got, expected):
-        assert value == pytest.approx(reference, rel=1e-5), f"train/loss at step {step}"
+    """Every logged series (losses, lr, grad norm, validation, answer accuracy, phases, the HParams
+    summary) at the same steps with the same values, and the same final LoRA weights."""
+    expected, got = read_scalars(uninterrupted), read_scalars(resumed)
+    tags = {tag for tag in expected if not tag.startswith(MACHINE_TAGS)}
+    assert LOSS_STEP_KEY in tags and "phase/index" in tags and "val/answer_accuracy" in tags
+    assert tags == {tag for tag in got if not tag.startswith(MACHINE_TAGS)}
+    for tag in sorted(tags):
+        assert [step for step, _ in got[tag]] == [step for step, _ in expected[tag]], tag
+        for (step, value), (_, reference) in zip(got[tag], expected[tag]):
+            assert value == pytest.approx(reference, rel=1e-5, abs=1e-7), f"{tag} at step {step}"
     final, reference = lora_weights(resumed), lora_weights(uninterrupted)
     assert final.keys() == reference.keys()
     for name in reference:
@@ -205,6 +214,38 @@ def test_resume_with_changed_model_options_stops_with_each_difference(
     assert "start a new run" in message
 
 
+def test_resume_prints_each_permitted_change(tmp_path, uninterrupted) -> None:
+    """max_epochs and a callback's threshold may change on resume: each change is printed, the run goes on."""
+    import logging
+
+    root = tmp_path / "permitted"
+    shutil.copytree(uninterrupted.parent.parent, root)
+    config = resume_config(root)
+    phases = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("PhaseDetection"))
+    phases["init_args"]["window"] = 3
+    config["trainer"]["max_epochs"] = MAX_EPOCHS + 1
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    try:
+        main(["fit", "--config", str(write_yaml(root / "fit.yaml", config)), "--ckpt_path", "last"])
+    finally:
+        logger.removeHandler(handler)
+    changes = [line for line in lines if line.startswith("phi2tutor | changed on resume:")]
+    # (The run directory was copied: its root moved too.)
+    assert changes == [
+        "phi2tutor | changed on resume: trainer.callbacks: PhaseDetection.window: 2 in the checkpoint, 3 now",
+        f"phi2tutor | changed on resume: trainer.default_root_dir: '{uninterrupted.parent.parent}' in the "
+        f"checkpoint, '{root}' now",
+        f"phi2tutor | changed on resume: trainer.max_epochs: {MAX_EPOCHS} in the checkpoint, {MAX_EPOCHS + 1} now",
+    ]
+    (run_dir,) = sorted((root / "lightning_logs").glob("version_*"))
+    resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == (MAX_EPOCHS + 1) * STEPS_PER_EPOCH  # one more epoch trained
+
+
 def test_last_without_any_checkpoint_names_where_it_looked(tmp_path, capsys) -> None:
     config_path = write_yaml(tmp_path / "fit.yaml", resume_config(tmp_path))
     with pytest.raises(SystemExit) as stopped:
@@ -212,6 +253,22 @@ def test_last_without_any_checkpoint_names_where_it_looked(tmp_path, capsys) -> 
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "lightning_logs") in err and "last.ckpt" in err
+
+
+def test_last_without_last_ckpt_names_the_newest_checkpoint_there(tmp_path, capsys) -> None:
+    """Killed between a step checkpoint and its last.ckpt copy: the message names the checkpoint to give."""
+    config_path = write_yaml(tmp_path / "fit.yaml", resume_config(tmp_path))
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "step=2.ckpt").write_bytes(b"older")
+    os.utime(checkpoints / "step=2.ckpt", (1, 1))
+    (checkpoints / "step=4.ckpt").write_bytes(b"newer")
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(config_path), "--ckpt_path", "last"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"no last.ckpt in {checkpoints}, but {checkpoints / 'step=4.ckpt'} is there" in err
+    assert f"give it as --ckpt_path {checkpoints / 'step=4.ckpt'}, or leave out --ckpt_path" in err
 
 
 class OutOfMemoryAtStep(Callback):
@@ -248,3 +305,96 @@ def test_out_of_memory_keeps_memory_json_run_json_report_and_last_checkpoint(tmp
     assert (run_dir / REPORT_MD).is_file()
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2 * CHECKPOINT_EVERY_N_STEPS  # the step-4 checkpoint, untouched
+
+
+def test_out_of_memory_in_the_first_epoch_leaves_a_short_truthful_report(tmp_path, capsys) -> None:
+    """Out of memory at step 2 of epoch 1's 3 (after the step-2 checkpoint), before any epoch is complete."""
+    config = resume_config(
+        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": 2}}
+    )
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("phi2tutor: error: CUDA ran out of memory at step 2") == 1
+    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    memory = json.loads((run_dir / "memory.json").read_text())
+    assert memory["oom"] is True and (memory["oom_step"], memory["oom_epoch"]) == (2, 1)
+    run_info = json.loads((run_dir / RUN_JSON).read_text())
+    assert run_info["steps_per_epoch"] == STEPS_PER_EPOCH and run_info["global_step"] == 2
+    assert run_info["epochs_run"] == 0 and run_info["stop"]["exception"] == "OutOfMemoryError"
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == CHECKPOINT_EVERY_N_STEPS  # the step-2 checkpoint, intact
+    report = json.loads((run_dir / REPORT_JSON).read_text())
+    markdown = (run_dir / REPORT_MD).read_text()
+    losses = read_scalars(run_dir)[LOSS_STEP_KEY]
+    assert [step for step, _ in losses] == [0, 1]
+    assert report["coverage"]["before_first_epoch"] is True
+    assert (
+        "This run stopped during epoch 1, before the epoch was complete: 2 of its 3 optimizer steps had "
+        "finished and 2 training-loss points had been logged." in markdown
+    )
+    # The logged losses, placed as the share of epoch 1 they are (not its end).
+    first, last_loss = report["loss"]["first"], report["loss"]["last"]
+    assert (first["step"], first["epoch"], last_loss["step"], last_loss["epoch"]) == (0, 0.33, 1, 0.67)
+    assert first["value"] == round(losses[0][1], 4) and last_loss["value"] == round(losses[-1][1], 4)
+    assert f"- Last logged loss: {last_loss['value']} (step 1, epoch 0.67)" in markdown
+    assert "### Epoch means" not in markdown
+    # Why it stopped: out of memory at step 2, the peak, the planner's estimate and its ways to fit.
+    oom = report["memory"]["out_of_memory_at"]
+    assert (oom["step"], oom["epoch"]) == (2, 1)
+    assert oom["estimated_peak_mb"] == memory["estimate"]["estimated_peak_mb"]
+    assert "It ran out of memory at step 2 (epoch 1), with 2 optimizer steps finished." in markdown
+    assert f"Peak: {report['memory']['peak_mb']} MB" in markdown
+    assert f"The memory planner estimated {oom['estimated_peak_mb']} MB" in markdown
+    assert "- It failed with OutOfMemoryError during epoch 1" in markdown
+    recommendation = report["recommendations"][0]
+    assert recommendation["kind"] == "out_of_memory"
+    assert [way["kind"] for way in recommendation["ways_to_fit"]] == [
+        "micro_batch",
+        "max_length",
+        "gradient_checkpointing",
+        "nf4",
+        "paged_optimizer",
+    ]
+    assert "lower data.batch_size (now 8)" in markdown and "lower data.max_length (now 128)" in markdown
+    # Two learning-rate steps, the second the highest: a rise, not a schedule the records cannot show.
+    assert report["learning_rate"]["shape"] == "warmup_rising"
+    assert "then constant" not in markdown
+    from tests.test_report import numbers_in, numbers_of_json
+
+    assert not numbers_in(markdown) - numbers_of_json(report)
+
+
+def test_out_of_memory_in_the_first_step_still_writes_the_report(tmp_path, capsys) -> None:
+    """Nothing logged yet (out of memory in step 0, before any checkpoint): the report says so, in Spanish."""
+    config = resume_config(
+        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": 0}}
+    )
+    report_callback = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("Report"))
+    report_callback["init_args"] = {"language": "es", "figures": True}
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
+    assert stopped.value.code == 1
+    assert "Traceback" not in capsys.readouterr().err
+    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    assert not (run_dir / "checkpoints").exists()  # none written before step 0: none to lose
+    assert json.loads((run_dir / "memory.json").read_text())["oom_step"] == 0
+    report = json.loads((run_dir / REPORT_JSON).read_text())
+    markdown = (run_dir / REPORT_MD).read_text()
+    assert report["loss"] is None and report["phases"] is None and report["general"]["final_loss"] is None
+    assert report["general"]["optimizer_steps"] == 0
+    assert (
+        "Este entrenamiento se detuvo durante la época 1, antes de completarla: habían terminado 0 de sus 3 "
+        "pasos del optimizador y se habían registrado 0 puntos de la pérdida de entrenamiento." in markdown
+    )
+    assert "- No se registró ninguna pérdida de entrenamiento" in markdown
+    assert "## Fases del aprendizaje" not in markdown
+    assert "Se quedó sin memoria en el paso 0 (época 1), con 0 pasos del optimizador terminados." in markdown
+    assert (
+        "baja data.batch_size (ahora 8)" in markdown and "pon model.gradient_checkpointing: true" in markdown
+    )
+    assert "loss.png" not in markdown and report["figures"] == {}  # no loss, no step logged: nothing to draw
+    from tests.test_report import numbers_in, numbers_of_json
+
+    assert not numbers_in(markdown) - numbers_of_json(report)

@@ -75,9 +75,39 @@ def test_warmup_cosine_shape_matches_reference_run() -> None:
 def test_checkpoint_holds_only_trainable_weights(fitted_run: Path) -> None:
     checkpoint = torch.load(fitted_run / "checkpoints" / "last.ckpt", weights_only=True)
     keys = list(checkpoint["state_dict"])
-    assert keys and all("lora_" in key for key in keys)
+    # The LoRA weights, and the running train/loss_epoch mean (two scalars) a mid-epoch resume continues.
+    weights = [key for key in keys if not key.startswith("train_epoch_loss.")]
+    assert sorted(set(keys) - set(weights)) == ["train_epoch_loss.mean_value", "train_epoch_loss.weight"]
+    assert weights and all("lora_" in key for key in weights)
     assert not any("base_layer" in key or "embed_tokens" in key for key in keys)
     assert checkpoint["optimizer_states"] and checkpoint["lr_schedulers"]
+    assert checkpoint["lr_schedule"] == {"warmup_steps": 2, "schedule_steps": 18}  # 12% of 3 x 6 steps
+
+
+def test_resume_with_a_longer_max_epochs_keeps_the_learning_rate_schedule(
+    fitted_run: Path, tmp_path: Path, caplog
+) -> None:
+    """A schedule over the whole run (no lr_schedule_epochs) is not stretched by a resume with max_epochs
+    4 instead of 3: the rate goes on as it was, held at the floor after its 18 steps, and it is said."""
+    import shutil
+
+    shutil.copytree(fitted_run.parent.parent, tmp_path / "run")
+    root = tmp_path / "run"
+    config = tiny_config(root, trainer={"max_epochs": 4})
+    config["model"]["adapter_output_dir"] = str(root / "models" / "tutor")
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}
+    ]
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(write_yaml(root / "resume.yaml", config)), "--ckpt_path", "last"])
+    lrs = read_scalars(run_dirs(root)[-1])["train/lr"]
+    assert [step for step, _ in lrs] == list(range(24))
+    assert lrs[:18] == read_scalars(fitted_run)["train/lr"]  # the first segment, untouched
+    assert [value for _, value in lrs[18:]] == [0.0] * 6  # the cosine ended at step 18: the floor
+    assert (
+        "learning-rate schedule kept from the checkpoint: warmup 2 + cosine to 18 optimizer steps (this "
+        "run's options would make it 3 + 24" in caplog.text
+    )
 
 
 def test_adapter_saved_in_run_and_output_dirs_reloads_with_identical_logits(fitted_run: Path) -> None:

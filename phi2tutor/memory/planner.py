@@ -1116,6 +1116,24 @@ def estimate_settings(estimate: MemoryEstimate) -> dict[str, Any]:
     return {**estimate.settings, "model_name": estimate.model_name}
 
 
+def ways_to_fit(settings: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """What lowers a training step's peak, for a configuration's planner settings (None: not known): one
+    ``{"kind": ..., "now": ...}`` per change, leaving out what the run already does. GPUMemoryProfiler's
+    out-of-memory message and the report word them (phi2tutor.report.text.fitting_advice)."""
+    s = settings or {}
+    advice: list[dict[str, Any]] = [
+        {"kind": "micro_batch", "now": s.get("micro_batch")},
+        {"kind": "max_length", "now": s.get("max_length")},
+    ]
+    if not s.get("gradient_checkpointing", False):
+        advice.append({"kind": "gradient_checkpointing"})
+    if s.get("quantization") not in ("nf4", "nf4-double"):
+        advice.append({"kind": "nf4"})
+    if s.get("optimizer") not in ("adamw8bit", "paged_adamw8bit"):
+        advice.append({"kind": "paged_optimizer"})
+    return advice
+
+
 # --------------------------------------------------------------------------- data.batch_size: auto
 AUTO_BATCH = "auto"
 # auto keeps the planned peak (worst case: every position an answer token; allocator reserve and CUDA

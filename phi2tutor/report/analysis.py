@@ -101,7 +101,10 @@ def build_report(
         settings: the report's rules of judgement; defaults otherwise.
     """
     settings = settings or ReportSettings()
-    if not records.train_losses and not records.epoch_losses:
+    logged_loss = bool(records.train_losses or records.epoch_losses)
+    # A phi2tutor run that stopped before its first logged step (out of memory in the first step) still gets
+    # the short report of what its run.json and memory.json hold; a run without them has nothing to report.
+    if not logged_loss and not (records.source_kind == PHI2TUTOR_RUN and records.run_info.get("stop")):
         raise Phi2TutorError(
             f"{records.source} logs no training loss ({LOSS_EPOCH_KEY} or train/loss): the run ended before "
             "it logged one, so there is nothing to report yet. Report again once a loss has been logged."
@@ -118,10 +121,10 @@ def build_report(
     }
     report["stop"] = stop_section(records)
     report["coverage"] = coverage_section(records, report["stop"])
-    report["loss"] = loss_section(records)
+    report["loss"] = loss_section(records) if logged_loss else None
     report["general"] = general_section(records, report["loss"])
     report["memory"] = memory_section(records, settings, notes)
-    report["phases"] = phases_section(records, phase_boundaries, settings, notes)
+    report["phases"] = phases_section(records, phase_boundaries, settings, notes) if logged_loss else None
     report["nonfinite"] = nonfinite_section(records)
     report["grad_norm"] = grad_norm_section(records, settings, notes)
     report["learning_rate"] = learning_rate_section(records, notes)
@@ -238,7 +241,7 @@ def loss_section(records: RunRecords) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- general
-def general_section(records: RunRecords, loss: dict[str, Any]) -> dict[str, Any]:
+def general_section(records: RunRecords, loss: dict[str, Any] | None) -> dict[str, Any]:
     info = records.run_info
     total, trainable = info.get("total_parameters"), info.get("trainable_parameters")
     duration = info.get("duration_seconds")
@@ -252,7 +255,7 @@ def general_section(records: RunRecords, loss: dict[str, Any]) -> dict[str, Any]
         "precision": info.get("precision"),
         "quantization": info.get("quantization"),
         "epochs_run": plain(round(records.epochs_run, 2)) if records.epochs_run is not None else None,
-        "complete_epochs": loss["complete_epochs"],
+        "complete_epochs": loss["complete_epochs"] if loss else len(records.epoch_losses),
         "max_epochs": plain(max_epochs),
         "optimizer_steps": info.get("global_step"),
         "max_steps": info.get("max_steps") if (info.get("max_steps") or 0) > 0 else None,
@@ -262,8 +265,8 @@ def general_section(records: RunRecords, loss: dict[str, Any]) -> dict[str, Any]
         "duration_minutes": round(duration / 60, 2) if duration is not None else None,
         "duration_parts": duration_parts(duration) if duration is not None else None,
         # The callback's one-line summary reads these two.
-        "final_loss": loss["last"]["value"],
-        "mean_loss": loss["mean"],
+        "final_loss": loss["last"]["value"] if loss else None,
+        "mean_loss": loss["mean"] if loss else None,
         "trainer_reported_mean_loss": loss_number(records.trainer_reported_mean_loss),
     }
 
@@ -286,13 +289,23 @@ def stop_section(records: RunRecords) -> dict[str, Any]:
 
 
 def coverage_section(records: RunRecords, stop: dict[str, Any]) -> dict[str, Any]:
-    """Whether the report covers the whole run or the run up to a step (a checkpoint, an interruption)."""
+    """Whether the report covers the whole run or the run up to a step (a checkpoint, an interruption), and,
+    for a phi2tutor run that stopped before its first epoch was complete, how far into it the run got."""
     last = records.train_losses[-1] if records.train_losses else None
+    info = records.run_info
+    before_first_epoch = (
+        records.source_kind == PHI2TUTOR_RUN and not records.epoch_losses and (records.epochs_run or 0) < 1
+    )
     return {
         "partial": stop.get("reason") in PARTIAL_STOPS,
         "up_to_step": stop.get("step") if stop.get("step") is not None else (last.step if last else None),
         "up_to_epoch": plain(round(records.epochs_run, 2)) if records.epochs_run is not None else None,
         "max_steps": stop.get("max_steps"),
+        "before_first_epoch": before_first_epoch,
+        # Optimizer steps completed (run.json's global_step) of the first epoch's steps, losses logged.
+        "optimizer_steps": info.get("global_step") if before_first_epoch else None,
+        "steps_per_epoch": info.get("steps_per_epoch") if before_first_epoch else None,
+        "losses_logged": len(records.train_losses) if before_first_epoch else None,
     }
 
 
@@ -505,10 +518,12 @@ def learning_rate_section(records: RunRecords, notes: list) -> dict[str, Any] | 
     decay_kind = _decay_kind(steps[peak_index:], values[peak_index:]) if decays else None
     if len(values) < 3:
         shape = "too_few"  # one or two values say nothing about a schedule
+    elif rises and steps[peak_index] == steps[-1]:  # (a step's value is logged once per micro-batch)
+        shape = (
+            "warmup_rising"  # the highest value is the last: what the schedule did next is not in the records
+        )
     elif rises and decays:
         shape = f"warmup_{decay_kind}"
-    elif rises and peak_index == len(values) - 1:
-        shape = "warmup_rising"  # still rising at the last logged value: no end of the warm-up seen
     elif rises:
         shape = "warmup_constant"
     elif decays:
@@ -745,11 +760,27 @@ def memory_section(records: RunRecords, settings: ReportSettings, notes: list) -
         "peak_percent_of_budget": round(100 * peak / budget, 2) if peak is not None and budget else None,
         "headroom_mb": round(budget - peak, 2) if peak is not None and budget else None,
         "out_of_memory": bool(memory.get("oom")),
+        "out_of_memory_at": _out_of_memory_at(memory) if memory.get("oom") else None,
         "planner": None,
     }
     if on_cuda and budget and records.source_kind == PHI2TUTOR_RUN:
         result["planner"] = _planner_micro_batch(records, budget, settings, notes)
     return result
+
+
+def _out_of_memory_at(memory: dict[str, Any]) -> dict[str, Any]:
+    """Where GPUMemoryProfiler saw the out-of-memory error, the planner's estimate it printed beside it (the
+    total, the phase it peaks in and its largest terms) and its ways to fit (phi2tutor.memory.ways_to_fit)."""
+    estimate = memory.get("estimate") or {}
+    terms = sorted(estimate.get("breakdown") or [], key=lambda term: -term.get("bytes", 0))[:3]
+    return {
+        "step": memory.get("oom_step", memory.get("global_step")),
+        "epoch": memory.get("oom_epoch"),
+        "estimated_peak_mb": estimate.get("estimated_peak_mb"),
+        "estimated_peak_phase": estimate.get("peak_phase"),
+        "largest_terms": [{"name": term["name"], "mb": term["mb"]} for term in terms],
+        "ways_to_fit": list(memory.get("ways_to_fit") or []),
+    }
 
 
 def _planner_micro_batch(
@@ -786,6 +817,11 @@ def recommendations(records: RunRecords, report: dict[str, Any], settings: Repor
     """What the data call for, each with the numbers that call for it; ``tool`` picks the vocabulary."""
     items: list[dict[str, Any]] = []
     tool = "phi2tutor" if records.source_kind == PHI2TUTOR_RUN else "trainer"
+    # First: the error that stopped the run.
+    memory = report["memory"]
+    oom = (memory or {}).get("out_of_memory_at")
+    if oom and oom["ways_to_fit"]:
+        items.append({"kind": "out_of_memory", "step": oom["step"], "ways_to_fit": oom["ways_to_fit"]})
     nonfinite = report["nonfinite"]
     if nonfinite:
         items.append(
@@ -810,10 +846,10 @@ def recommendations(records: RunRecords, report: dict[str, Any], settings: Repor
         )
     elif val.get("rising"):
         items.append({"kind": "val_rising", "tool": tool, "from_step": val["rising"]["from_step"]})
-    phases = report["phases"]
+    phases = report["phases"] or {}
     stop_reason = report["stop"].get("reason")
     still_running = stop_reason in ("checkpoint", "ended_before_max_steps")
-    verdict = phases["verdict"]
+    verdict = phases.get("verdict")
     if verdict == "flat" and not nonfinite:
         items.append({"kind": "no_learning", "tool": tool, "level": phases["flat_level"]})
     cut = _shorter_run(records, report, settings) if not val.get("overfitting") and not nonfinite else None
@@ -830,7 +866,6 @@ def recommendations(records: RunRecords, report: dict[str, Any], settings: Repor
         late = _late_trend(records)
         if late:
             items.append({"kind": "still_improving", "tool": tool, **late})
-    memory = report["memory"]
     planner = (memory or {}).get("planner")
     if memory and memory.get("on_cuda") and memory.get("peak_percent_of_budget") is not None:
         if planner and planner["max_micro_batch"] > planner["micro_batch"]:
@@ -873,6 +908,8 @@ def _shorter_run(
 ) -> dict[str, Any] | None:
     """A shorter run on an epoch series: the first epoch after which the loss fell by less than
     ``remaining_reduction_pct`` of the run's total (observed values), when that saves enough epochs."""
+    if report["phases"] is None:
+        return None
     unit, positions, values = analysed_series(records)
     if unit != "epoch" or len(values) < 3 or report["phases"]["verdict"] not in ("phases", "fell_steadily"):
         return None

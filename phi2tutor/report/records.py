@@ -121,9 +121,20 @@ def load_records(path: str | Path) -> RunRecords:
 
 # ------------------------------------------------------------------------------------------ phi2tutor run
 class _EpochIndex:
-    """Maps logged steps to epochs with the ``epoch`` scalar Lightning writes at every logged step."""
+    """Maps logged steps to epochs with the ``epoch`` scalar Lightning writes at every logged step.
 
-    def __init__(self, epoch_points: list[tuple[int, float]], epoch_end_steps: list[int]) -> None:
+    ``first_epoch_steps`` (run.json's steps_per_epoch) places the steps of a first epoch the run did not
+    complete as the share of the epoch they are; without it a partial epoch's last logged step reads as its
+    end.
+    """
+
+    def __init__(
+        self,
+        epoch_points: list[tuple[int, float]],
+        epoch_end_steps: list[int],
+        first_epoch_steps: int | None = None,
+    ) -> None:
+        self.first_epoch_steps = first_epoch_steps if not epoch_end_steps else None
         self.steps = [step for step, _ in epoch_points]
         self.epochs = [int(round(value)) + 1 for _, value in epoch_points]
         self.epoch_end_steps = sorted(epoch_end_steps)
@@ -141,6 +152,8 @@ class _EpochIndex:
 
     def position(self, step: int) -> float:
         epoch = self.epoch_of(step)
+        if epoch == 1 and self.first_epoch_steps:  # optimizer steps count from 0 in the first epoch
+            return min(1.0, (step + 1) / self.first_epoch_steps)
         first, last = self.bounds.get(epoch, (step, step))
         return epoch - 1 + (min(max(step, first), last) - first + 1) / (last - first + 1)
 
@@ -153,7 +166,13 @@ def read_run_directory(run_dir: str | Path) -> RunRecords:
     run_dir = Path(run_dir)
     scalars = read_scalars(run_dir)
     loss_epoch = scalars.get(LOSS_EPOCH_KEY, [])
-    index = _EpochIndex(scalars.get(EPOCH_KEY, []), [step for step, _ in loss_epoch])
+    run_info = _read_json_file(run_dir / RUN_JSON) or {}
+    steps_per_epoch = run_info.get("steps_per_epoch")
+    index = _EpochIndex(
+        scalars.get(EPOCH_KEY, []),
+        [step for step, _ in loss_epoch],
+        int(steps_per_epoch) if is_number(steps_per_epoch) and steps_per_epoch > 0 else None,
+    )
     records = RunRecords(source=str(run_dir), source_kind=PHI2TUTOR_RUN, run_name=run_dir.name)
     by_epoch: dict[int, float] = {}
     for step, value in loss_epoch:
@@ -184,7 +203,7 @@ def read_run_directory(run_dir: str | Path) -> RunRecords:
     }
     if scalars.get(TRUNCATED_KEY):
         records.truncated_examples = int(scalars[TRUNCATED_KEY][-1][1])
-    records.run_info = _read_json_file(run_dir / RUN_JSON) or {}
+    records.run_info = run_info
     records.memory = _read_json_file(run_dir / MEMORY_JSON)
     records.config = _read_yaml_file(run_dir / CONFIG_YAML)
     epochs_run = records.run_info.get("epochs_run")

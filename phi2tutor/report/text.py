@@ -691,6 +691,32 @@ TEXT["en"].update(
         "acc_calculator_off": "Calculator: off (the answers are the model's own tokens)",
     }
 )
+# A run that stopped before its first epoch was complete (out of memory in the first steps): how far it got,
+# where memory ran out, the planner's estimate and its ways to fit (phi2tutor.memory.ways_to_fit's kinds).
+TEXT["en"].update(
+    {
+        "coverage_before_first_epoch": "This run stopped during epoch 1, before the epoch was complete: {steps} "
+        "of its {per_epoch} optimizer steps had finished and {losses} training-loss {points} had been logged.",
+        "loss_none": "No training loss was logged: the run stopped before its first logged step.",
+        "memory_oom_at": "It ran out of memory at step {step} (epoch {epoch}), with {step} optimizer steps "
+        "finished.",
+        "memory_oom_at_one": "It ran out of memory at step 1 (epoch {epoch}), with 1 optimizer step finished.",
+        "memory_oom_planner": "The memory planner estimated {estimate} MB on a CUDA device for this configuration, "
+        "peaking in the {phase}; its largest terms: {terms}.",
+        "rec_out_of_memory": "To fit the memory budget, as the memory planner advises for this configuration: "
+        "{advice}.",
+        "fit_now": " (now {value})",
+        "fit_micro_batch": "lower data.batch_size{now} and raise trainer.accumulate_grad_batches by the same "
+        "factor: same effective batch, activations shrink with the micro-batch",
+        "fit_max_length": "lower data.max_length{now}: activations and attention scores grow with it",
+        "fit_gradient_checkpointing": "set model.gradient_checkpointing: true (keeps one layer's activations, "
+        "recomputes the rest)",
+        "fit_nf4": "set model.quantization: nf4-double (an NF4 frozen base: about a quarter of its fp16 weight "
+        "memory)",
+        "fit_paged_optimizer": "set model.optimizer: paged_adamw8bit (one byte per optimizer state value, paged "
+        "out under pressure)",
+    }
+)
 TEXT["es"].update(
     {
         "acc_calculator_on": "Calculadora: activada (phi2tutor.calculator completó cada `<<expresión=` que "
@@ -701,6 +727,33 @@ TEXT["es"].update(
         "acc_calculator_changed": "{changed} de ellas cambiaron los tokens del propio modelo",
         "acc_calculator_changed_one": "1 de ellas cambió los tokens del propio modelo",
         "acc_calculator_off": "Calculadora: desactivada (las respuestas son los tokens del propio modelo)",
+    }
+)
+TEXT["es"].update(
+    {
+        "coverage_before_first_epoch": "Este entrenamiento se detuvo durante la época 1, antes de completarla: "
+        "habían terminado {steps} de sus {per_epoch} pasos del optimizador y se habían registrado {losses} "
+        "{points} de la pérdida de entrenamiento.",
+        "loss_none": "No se registró ninguna pérdida de entrenamiento: el entrenamiento se detuvo antes de su "
+        "primer paso registrado.",
+        "memory_oom_at": "Se quedó sin memoria en el paso {step} (época {epoch}), con {step} pasos del "
+        "optimizador terminados.",
+        "memory_oom_at_one": "Se quedó sin memoria en el paso 1 (época {epoch}), con 1 paso del optimizador "
+        "terminado.",
+        "memory_oom_planner": "El planificador de memoria estimó {estimate} MB en un dispositivo CUDA para esta "
+        "configuración, con el máximo en la fase {phase}; sus términos mayores: {terms}.",
+        "rec_out_of_memory": "Para caber en el presupuesto de memoria, como aconseja el planificador de memoria "
+        "para esta configuración: {advice}.",
+        "fit_now": " (ahora {value})",
+        "fit_micro_batch": "baja data.batch_size{now} y sube trainer.accumulate_grad_batches en el mismo factor: "
+        "el mismo lote efectivo, con activaciones que se reducen con el micro-lote",
+        "fit_max_length": "baja data.max_length{now}: las activaciones y las puntuaciones de atención crecen con él",
+        "fit_gradient_checkpointing": "pon model.gradient_checkpointing: true (guarda las activaciones de una "
+        "capa y recalcula el resto)",
+        "fit_nf4": "pon model.quantization: nf4-double (una base congelada en NF4: cerca de la cuarta parte de "
+        "la memoria de sus pesos en fp16)",
+        "fit_paged_optimizer": "pon model.optimizer: paged_adamw8bit (un byte por valor de estado del "
+        "optimizador, paginado bajo presión)",
     }
 )
 
@@ -742,6 +795,19 @@ def check_language(language: str) -> None:
         raise Phi2TutorError(f"language {language!r} is not available: use one of {', '.join(LANGUAGES)}.")
 
 
+def fitting_advice(ways: list[dict[str, Any]], language: str = "en") -> list[str]:
+    """phi2tutor.memory.ways_to_fit's items in words, with the current value where it is known."""
+    return _ways_in_words(ways, TEXT[language])
+
+
+def _ways_in_words(ways: list[dict[str, Any]], t: dict[str, str]) -> list[str]:
+    lines = []
+    for way in ways:
+        now = t["fit_now"].format(value=way["now"]) if way.get("now") is not None else ""
+        lines.append(t[f"fit_{way['kind']}"].format(now=now))
+    return lines
+
+
 def render_markdown(report: dict[str, Any], language: str = "en") -> str:
     """report.md's text from report.json's content, in English ("en") or Spanish ("es")."""
     check_language(language)
@@ -758,7 +824,17 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
         "",
     ]
     c = report["coverage"]
-    if c["partial"]:
+    if c.get("before_first_epoch"):
+        lines += [
+            t["coverage_before_first_epoch"].format(
+                steps=f(c["optimizer_steps"]),
+                per_epoch=f(c["steps_per_epoch"]),
+                losses=c["losses_logged"],
+                points=t[plural(c["losses_logged"], "point", "points")],
+            ),
+            "",
+        ]
+    elif c["partial"]:
         why = (
             t["coverage_checkpoint"] if report["stop"].get("reason") == "checkpoint" else t["coverage_other"]
         )
@@ -772,7 +848,8 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
     lines += _render_loss(report["loss"], report["evidence_z"], t, f)
     if report["memory"] is not None:
         lines += _render_memory(report["memory"], t, f)
-    lines += _render_phases(report["phases"], report["evidence_z"], t, f)
+    if report["phases"] is not None:
+        lines += _render_phases(report["phases"], report["evidence_z"], t, f)
     if report["nonfinite"]:
         lines += [f"## {t['nonfinite']}", ""]
         for name, entry in report["nonfinite"]["series"].items():
@@ -814,12 +891,13 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
         lines.append(
             "- " + t["lr_peak"].format(peak=f(lr["peak"]), epoch=lr["peak_epoch"], step=lr["peak_step"])
         )
-        lines.append(
-            "- "
-            + t["lr_first_last"].format(
-                first=f(lr["first"]), last=f(lr["last"]), pct=f(lr["last_pct_of_peak"])
+        if lr["shape"] != "too_few":
+            lines.append(
+                "- "
+                + t["lr_first_last"].format(
+                    first=f(lr["first"]), last=f(lr["last"]), pct=f(lr["last_pct_of_peak"])
+                )
             )
-        )
         shape = t[f"shape_{lr['shape']}"].format(warmup=f(lr["warmup_pct"]))
         lines += ["- " + t["lr_shape"].format(shape=shape), ""]
     if report["validation"] is not None:
@@ -911,8 +989,10 @@ def _render_general(g: dict[str, Any], t: dict[str, str], f, language: str) -> l
     return lines + [""]
 
 
-def _render_loss(loss: dict[str, Any], z: float, t: dict[str, str], f) -> list[str]:
+def _render_loss(loss: dict[str, Any] | None, z: float, t: dict[str, str], f) -> list[str]:
     lines = [f"## {t['loss']}", ""]
+    if loss is None:
+        return lines + ["- " + t["loss_none"], ""]
     for key in ("first", "last", "last_finite"):
         point = loss[key]
         if point is not None:
@@ -1014,6 +1094,18 @@ def _render_memory(m: dict[str, Any], t: dict[str, str], f) -> list[str]:
         )
     if m["out_of_memory"]:
         lines.append(t["memory_oom"])
+        at = m.get("out_of_memory_at")
+        if at and at["step"] is not None:
+            lines.append(
+                counted(t, "memory_oom_at", at["step"]).format(step=at["step"], epoch=f(at["epoch"]))
+            )
+        if at and at["estimated_peak_mb"] is not None:
+            terms = ", ".join(f"{term['name']} {f(term['mb'])} MB" for term in at["largest_terms"])
+            lines.append(
+                t["memory_oom_planner"].format(
+                    estimate=f(at["estimated_peak_mb"]), phase=f(at["estimated_peak_phase"]), terms=terms
+                )
+            )
     if m["planner"]:
         p = m["planner"]
         lines.append(
@@ -1320,6 +1412,8 @@ def _render_recommendation(item: dict[str, Any], report: dict[str, Any], t: dict
             threshold=f(item["threshold_pct"]),
             headroom=f(item["headroom_mb"]),
         )
+    if kind == "out_of_memory":
+        return t["rec_out_of_memory"].format(advice="; ".join(_ways_in_words(item["ways_to_fit"], t)))
     if kind == "accuracy_falling":
         return t["rec_accuracy_falling"].format(epoch=item["best_epoch"])
     if kind == "truncated":

@@ -21,15 +21,17 @@ def write_figures(
     from phi2tutor.report import figures
 
     names = {key: TEXT[language][f"phase_{key}"] for key in PHASE_NAME_KEYS}
-    inputs = figures.figure_inputs(records, report, names)
     run = report["run_name"]
     written: dict[str, str] = {}
-    figures.plot_loss(
-        output_dir / figures.FIGURE_FILES["loss"], run_name=run, language=language, **inputs["loss"]
-    )
-    written["loss"] = figures.FIGURE_FILES["loss"]
-    grad_norm_lr = inputs["grad_norm_lr"]
-    if grad_norm_lr["grad_norms"] or grad_norm_lr["learning_rates"]:
+    # No loss logged (a run stopped in its first step): no loss curve, and no step it could be drawn against.
+    inputs = figures.figure_inputs(records, report, names) if report["loss"] is not None else None
+    if inputs is not None:
+        figures.plot_loss(
+            output_dir / figures.FIGURE_FILES["loss"], run_name=run, language=language, **inputs["loss"]
+        )
+        written["loss"] = figures.FIGURE_FILES["loss"]
+    grad_norm_lr = inputs["grad_norm_lr"] if inputs is not None else None
+    if grad_norm_lr and (grad_norm_lr["grad_norms"] or grad_norm_lr["learning_rates"]):
         figures.plot_grad_norm_and_lr(
             output_dir / figures.FIGURE_FILES["grad_norm_lr"], run_name=run, language=language, **grad_norm_lr
         )
