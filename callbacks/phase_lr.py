@@ -181,7 +181,7 @@ class PhaseAwareLR(Callback):
             self.message = (
                 f"PhaseAwareLR: {ended}; from optimizer step {step} the learning rate decays from "
                 f"{self.start_lr:.3g} to its floor {self.floor_lr:.3g} over "
-                f"{_steps_and_epochs(decay_steps, steps_per_epoch)} (to step {step + decay_steps}) "
+                f"{_steps_and_epochs(decay_steps, steps_per_epoch)}, to step {step + decay_steps}, "
                 f"instead of the {_steps_and_epochs(steps_left, steps_per_epoch)} the schedule had left."
             )
         rank_zero_info(self.message)

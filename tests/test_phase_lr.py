@@ -126,7 +126,7 @@ def test_the_rate_follows_the_shortened_cosine_after_rapid_learning(tmp_path, ph
     assert schedule_texts(trainer) == [
         "PhaseAwareLR: rapid learning ended at epoch 10 (PhaseDetection on train/loss_epoch); from optimizer "
         f"step 40 the learning rate decays from {PEAK_LR * base_factor(40):.3g} to its floor 0.0001 over 8 "
-        "optimizer steps (2 epochs) (to step 48) instead of the 40 optimizer steps (10 epochs) the schedule "
+        "optimizer steps (2 epochs), to step 48, instead of the 40 optimizer steps (10 epochs) the schedule "
         "had left."
     ]
     assert read_scalars(trainer.logger.log_dir)[LR_SHORTENED_MARKER] == [
