@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 from callbacks.memory import GPUMemoryProfiler
+from callbacks.phase_lr import PhaseAwareLR
 from callbacks.phases import PhaseDetection
 from callbacks.plateau import PlateauStopping
 from phi2tutor.keys import (
@@ -26,6 +27,7 @@ from phi2tutor.keys import (
     LOSS_EPOCH_KEY,
     LOSS_STEP_KEY,
     LR_KEY,
+    LR_SHORTENED_MARKER,
     MEMORY_BUDGET_KEY,
     MEMORY_PREFIX,
     PHASE_INDEX_KEY,
@@ -66,7 +68,10 @@ def dashboard_layout() -> dict[str, dict[str, list]]:
             ],
         },
         "3 learning rate and grad norm": {
-            "learning rate": ["Multiline", _exact(LR_KEY)],
+            "learning rate; marker: shortened by PhaseAwareLR": [
+                "Multiline",
+                _exact(LR_KEY, LR_SHORTENED_MARKER),
+            ],
             "grad norm (before clipping)": ["Multiline", _exact(GRAD_NORM_KEY)],
         },
         "4 memory": {
@@ -94,6 +99,7 @@ class TensorBoardDashboard(Callback):
         self.epoch_steps: dict[int, tuple[int, float]] = {}  # epoch (1-based) -> (logger step, epoch loss)
         self.marked_transitions = 0
         self.marked_stop = False
+        self.marked_lr_shortened = False
         self.best_val_loss: float | None = None
         self.last_val_loss: float | None = None
         self.best_answer_accuracy: float | None = None
@@ -158,7 +164,8 @@ class TensorBoardDashboard(Callback):
 
     # ------------------------------------------------------------------ markers
     def _mark(self, trainer: pl.Trainer) -> None:
-        """Loss-chart points: each phase transition at its boundary epoch, the plateau stop at its epoch."""
+        """Loss-chart points: each phase transition at its boundary epoch, the plateau stop at its epoch;
+        a learning-rate point where PhaseAwareLR shortened the schedule."""
         logger = self._tensorboard(trainer)
         if logger is None or not trainer.is_global_zero:
             return
@@ -176,6 +183,11 @@ class TensorBoardDashboard(Callback):
             if loss is not None:
                 logger.log_metrics({PLATEAU_STOP_MARKER: loss}, step=step)
                 self.marked_stop = True
+        phase_lr = self._callback(trainer, PhaseAwareLR)
+        if phase_lr is not None and not self.marked_lr_shortened and phase_lr.shortened_at_step is not None:
+            # LearningRateMonitor logs the rate of step s at logger step s: the point sits on the curve's bend.
+            logger.log_metrics({LR_SHORTENED_MARKER: phase_lr.start_lr}, step=phase_lr.shortened_at_step)
+            self.marked_lr_shortened = True
 
     # ------------------------------------------------------------------ hparams
     def final_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
@@ -229,6 +241,7 @@ class TensorBoardDashboard(Callback):
             "epoch_steps": {str(k): list(v) for k, v in self.epoch_steps.items()},
             "marked_transitions": self.marked_transitions,
             "marked_stop": self.marked_stop,
+            "marked_lr_shortened": self.marked_lr_shortened,
             "best_val_loss": self.best_val_loss,
             "last_val_loss": self.last_val_loss,
             "best_answer_accuracy": self.best_answer_accuracy,
@@ -241,6 +254,7 @@ class TensorBoardDashboard(Callback):
         }
         self.marked_transitions = int(state_dict.get("marked_transitions", 0))
         self.marked_stop = bool(state_dict.get("marked_stop", False))
+        self.marked_lr_shortened = bool(state_dict.get("marked_lr_shortened", False))
         self.best_val_loss = state_dict.get("best_val_loss")
         self.last_val_loss = state_dict.get("last_val_loss")
         self.best_answer_accuracy = state_dict.get("best_answer_accuracy")

@@ -25,6 +25,9 @@ CALCULATOR_CHANGED_KEY = "val/calculator_changed"
 PHASE_INDEX_KEY = "phase/index"
 TRANSITIONS_TEXT_TAG = "phase/transitions"
 
+# PhaseAwareLR: what it did to the learning-rate schedule when rapid learning ended.
+LR_SCHEDULE_TEXT_TAG = "phase/lr_schedule"
+
 # GPUMemoryProfiler: MEMORY_PREFIX + allocated_mb, reserved_mb, max_allocated_mb, cpu_rss_mb, ...
 MEMORY_PREFIX = "memory/"
 
@@ -42,9 +45,10 @@ ADAPTER_DIR = "adapter"
 # Beside a saved adapter: the TutorModule settings chat, serve and export rebuild the tutor from.
 TUTOR_SETTINGS_JSON = "phi2tutor_adapter.json"
 
-# TensorBoardDashboard: markers drawn on the loss chart, the memory budget line, the HParams tab's metrics.
+# TensorBoardDashboard: markers drawn on the loss and learning-rate charts, the memory budget line, the HParams tab's metrics.
 PHASE_TRANSITION_MARKER = "markers/phase_transition"
 PLATEAU_STOP_MARKER = "markers/plateau_stop"
+LR_SHORTENED_MARKER = "markers/lr_shortened"
 MEMORY_BUDGET_KEY = "budget/memory_mb"
 HPARAM_METRIC_KEYS = {
     "final_train_loss": "hparams/final_train_loss",

@@ -41,14 +41,19 @@ def warmup_cosine_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """transformers' linear warmup + cosine down to ``min_lr_ratio`` of the peak over ``schedule_steps``
     optimizer steps, then held at that floor (past num_training_steps transformers' cosine would rise
-    again; ``lr_schedule_epochs`` shorter than the run needs the floor)."""
+    again; ``lr_schedule_epochs`` shorter than the run needs the floor). The factor function is a
+    ``phi2tutor.schedule.ShortenableSchedule``: PhaseAwareLR can shorten it, and the shortening is part of
+    the scheduler's checkpoint state."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from phi2tutor.schedule import ShortenableSchedule
 
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, warmup_steps, schedule_steps, min_lr_rate=min_lr_ratio
     )
-    cosine = scheduler.lr_lambdas[0]
-    scheduler.lr_lambdas[0] = lambda step: cosine(min(step, schedule_steps))
+    scheduler.lr_lambdas = [
+        ShortenableSchedule(cosine, schedule_steps, min_lr_ratio) for cosine in scheduler.lr_lambdas
+    ]
     return scheduler
 
 
