@@ -286,18 +286,31 @@ class OutOfMemoryAtStep(Callback):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.56 GiB.")
 
 
-def test_out_of_memory_keeps_memory_json_run_json_report_and_last_checkpoint(tmp_path, capsys) -> None:
+def fit_until_out_of_memory(
+    tmp_path: Path, capsys, step: int, report_options: dict | None = None
+) -> tuple[Path, str]:
+    """fit that runs out of memory at ``step``: exit 1, one message and no traceback; (run dir, stderr)."""
     config = resume_config(
-        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": 5}}
+        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": step}}
     )
+    if report_options is not None:
+        report_callback = next(
+            c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("Report")
+        )
+        report_callback["init_args"] = report_options
     with pytest.raises(SystemExit) as stopped:
         main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
     assert stopped.value.code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.count("phi2tutor: error: CUDA ran out of memory at step 5") == 1
-    assert "Ways to fit:" in err and "Tried to allocate 1.56 GiB" in err
+    assert err.count(f"phi2tutor: error: CUDA ran out of memory at step {step}") == 1
     (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    return run_dir, err
+
+
+def test_out_of_memory_keeps_memory_json_run_json_report_and_last_checkpoint(tmp_path, capsys) -> None:
+    run_dir, err = fit_until_out_of_memory(tmp_path, capsys, step=5)
+    assert "Ways to fit:" in err and "Tried to allocate 1.56 GiB" in err
     memory = json.loads((run_dir / "memory.json").read_text())
     assert memory["oom"] is True
     run_info = json.loads((run_dir / RUN_JSON).read_text())
@@ -309,15 +322,7 @@ def test_out_of_memory_keeps_memory_json_run_json_report_and_last_checkpoint(tmp
 
 def test_out_of_memory_in_the_first_epoch_leaves_a_short_truthful_report(tmp_path, capsys) -> None:
     """Out of memory at step 2 of epoch 1's 3 (after the step-2 checkpoint), before any epoch is complete."""
-    config = resume_config(
-        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": 2}}
-    )
-    with pytest.raises(SystemExit) as stopped:
-        main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
-    assert stopped.value.code == 1
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("phi2tutor: error: CUDA ran out of memory at step 2") == 1
-    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
+    run_dir, _ = fit_until_out_of_memory(tmp_path, capsys, step=2)
     memory = json.loads((run_dir / "memory.json").read_text())
     assert memory["oom"] is True and (memory["oom_step"], memory["oom_epoch"]) == (2, 1)
     run_info = json.loads((run_dir / RUN_JSON).read_text())
@@ -368,16 +373,9 @@ def test_out_of_memory_in_the_first_epoch_leaves_a_short_truthful_report(tmp_pat
 
 def test_out_of_memory_in_the_first_step_still_writes_the_report(tmp_path, capsys) -> None:
     """Nothing logged yet (out of memory in step 0, before any checkpoint): the report says so, in Spanish."""
-    config = resume_config(
-        tmp_path, {"class_path": "tests.test_resume.OutOfMemoryAtStep", "init_args": {"step": 0}}
+    run_dir, _ = fit_until_out_of_memory(
+        tmp_path, capsys, step=0, report_options={"language": "es", "figures": True}
     )
-    report_callback = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("Report"))
-    report_callback["init_args"] = {"language": "es", "figures": True}
-    with pytest.raises(SystemExit) as stopped:
-        main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
-    assert stopped.value.code == 1
-    assert "Traceback" not in capsys.readouterr().err
-    (run_dir,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
     assert not (run_dir / "checkpoints").exists()  # none written before step 0: none to lose
     assert json.loads((run_dir / "memory.json").read_text())["oom_step"] == 0
     report = json.loads((run_dir / REPORT_JSON).read_text())

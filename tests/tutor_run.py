@@ -19,21 +19,28 @@ HELD_OUT = [
 ]
 
 
+def tutor_model_section(**options) -> dict:
+    """The demo's recipe on the demo base (LoRA r 8 with trainable embeddings and lm_head), with ``options``."""
+    return {
+        "model_config": None,
+        "model_name_or_path": DEMO_BASE,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "modules_to_save": ["embed_tokens", "lm_head"],
+        **options,
+    }
+
+
 def train_tiny_tutor(tmp_path: Path) -> Path:
     """Fit the tutor; returns its run directory (lightning_logs/version_0, with adapter/ and config.yaml)."""
     config = tiny_config(
         tmp_path,
         trainer={"max_epochs": 2, "enable_checkpointing": False},
-        model={
-            "model_config": None,
-            "model_name_or_path": DEMO_BASE,
-            "lora_r": 8,
-            "lora_alpha": 16,
-            "modules_to_save": ["embed_tokens", "lm_head"],
-            "learning_rate": 0.002,
-            "max_new_tokens": 40,
-            "adapter_output_dir": str(tmp_path / "models" / "tiny-tutor"),
-        },
+        model=tutor_model_section(
+            learning_rate=0.002,
+            max_new_tokens=40,
+            adapter_output_dir=str(tmp_path / "models" / "tiny-tutor"),
+        ),
         data={
             "source": "synthetic",
             "synthetic": {"train_size": 320, "val_size": 16, "test_size": 16, "max_operand": 10, "seed": 0},
@@ -55,15 +62,7 @@ def train_annotated_tutor(tmp_path: Path) -> Path:
     config = tiny_config(
         tmp_path,
         trainer={"max_epochs": 3, "enable_checkpointing": False},
-        model={
-            "model_config": None,
-            "model_name_or_path": DEMO_BASE,
-            "lora_r": 8,
-            "lora_alpha": 16,
-            "modules_to_save": ["embed_tokens", "lm_head"],
-            "learning_rate": 0.006,
-            "max_new_tokens": 48,
-        },
+        model=tutor_model_section(learning_rate=0.006, max_new_tokens=48),
         data={
             "source": "synthetic",
             "keep_calculator_annotations": True,
