@@ -19,7 +19,7 @@ from callbacks.phases import PhaseDetection, log_text
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.keys import LR_SCHEDULE_TEXT_TAG
 from phi2tutor.phases import PHASE_NAMES
-from phi2tutor.schedule import ShortenableSchedule
+from phi2tutor.schedule import SHORTENING_OUTCOMES, ShortenableSchedule
 
 DEFAULT_DECAY_FRACTION = 0.5
 """Without decay_epochs or decay_fraction, the decay takes half the steps it had left: in the reference run
@@ -197,6 +197,28 @@ class PhaseAwareLR(Callback):
                 )
             return max(1, round(self.decay_epochs * steps_per_epoch))
         return max(1, round(self.decay_fraction * steps_left))
+
+    @property
+    def outcome(self) -> str:
+        """What the callback did, one of phi2tutor.schedule.SHORTENING_OUTCOMES."""
+        shortened, at_floor, left_as_is, not_reached = SHORTENING_OUTCOMES
+        if self.decided_at_step is None:
+            return not_reached
+        if self.shortened_at_step is not None:
+            return shortened
+        return at_floor if self.steps_left_before == 0 else left_as_is
+
+    def run_record(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """What run.json keeps of this callback, for the training report."""
+        steps_per_epoch = _optimizer_steps_per_epoch(trainer)
+        return {
+            "outcome": self.outcome,
+            "decay_epochs": self.decay_epochs,
+            "decay_fraction": self.decay_fraction,
+            "ends_at_step": self.ends_at_step,
+            "optimizer_steps_per_epoch": steps_per_epoch if math.isfinite(steps_per_epoch) else None,
+            **self.state_dict(),
+        }
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from callbacks.micro_batch import AutoMicroBatch, batch_numbers
+from callbacks.phase_lr import PhaseAwareLR
 from callbacks.phases import PhaseDetection
 from phi2tutor.errors import Phi2TutorError, first_line
 from phi2tutor.keys import REPORT_MD, RUN_JSON
@@ -219,8 +220,15 @@ class TrainingReport(Callback):
                 "fine_tuning_below": detector.fine_tuning_below,
                 "stabilization_below": detector.stabilization_below,
                 "unit": detector.unit,
+                "check_every_n_steps": detector.check_every_n_steps,
                 "boundaries": [transition.boundary for transition in detector.transitions],
+                # The series the rule judged, so that the report judges the same one: by step it is every
+                # checked value, which the logged train/loss (every log_every_n_steps) does not hold.
+                "checks": [[position, value] for position, value in zip(detector.positions, detector.values)],
             }
+        phase_lr = next((cb for cb in trainer.callbacks if isinstance(cb, PhaseAwareLR)), None)
+        if phase_lr is not None:
+            info["phase_aware_lr"] = phase_lr.run_record(trainer)
         return info
 
 

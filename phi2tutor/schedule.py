@@ -8,6 +8,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+SHORTENING_OUTCOMES = ("shortened", "at_floor", "left_as_is", "not_reached")
+"""What PhaseAwareLR did with the schedule (run.json's ``phase_aware_lr.outcome``): shortened it; found the rate
+already at its floor; left it, the decay asked for ending no sooner; or never acted, rapid learning not having
+ended."""
+
 
 def cosine_decay(step: int, steps: int, start: float, end: float) -> float:
     """A half cosine from ``start`` at step 0 to ``end`` at ``steps``, held at ``end`` afterwards."""

@@ -5,6 +5,7 @@ from a checkpoint after the change logs the same rates. ShortenableSchedule on i
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from callbacks.dashboard import TensorBoardDashboard
 from callbacks.phase_lr import PhaseAwareLR
 from callbacks.phases import PhaseDetection
+from callbacks.report import TrainingReport
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.events import read_scalars, read_texts
-from phi2tutor.keys import LR_KEY, LR_SCHEDULE_TEXT_TAG, LR_SHORTENED_MARKER
+from phi2tutor.keys import LR_KEY, LR_SCHEDULE_TEXT_TAG, LR_SHORTENED_MARKER, REPORT_MD, RUN_JSON
 from phi2tutor.model import warmup_cosine_schedule
 from phi2tutor.phases import detect_phases
 from phi2tutor.schedule import ShortenableSchedule
@@ -256,3 +258,71 @@ def test_shortenable_schedule_keeps_only_numbers_in_the_scheduler_state(tmp_path
     )
     fresh.load_state_dict(state)
     assert [fresh.lr_lambdas[0](s) for s in range(120)] == [factor(s) for s in range(120)]
+
+
+def fit_with_report(root: Path, phase_lr: PhaseAwareLR, language: str = "en") -> tuple[dict, str]:
+    """The scripted run with the training report: (run.json's phase_aware_lr, report.md)."""
+    trainer = make_trainer(
+        root, [PhaseDetection(window=WINDOW), phase_lr, TrainingReport(language=language, figures=False)]
+    )
+    trainer.fit(ScriptedScheduleRun())
+    run_dir = Path(trainer.logger.log_dir)
+    return json.loads((run_dir / RUN_JSON).read_text())["phase_aware_lr"], (run_dir / REPORT_MD).read_text()
+
+
+@pytest.mark.parametrize(
+    ("language", "line"),
+    [
+        (
+            "en",
+            "- PhaseAwareLR shortened it when rapid learning ended: from optimizer step 40 (after 10 epochs) the "
+            "rate fell from {start} to its floor 0.0001 over 8 optimizer steps (2 epochs), to step 48, instead of "
+            "the 40 optimizer steps (10 epochs) the schedule had left; the logged rate is at the floor from step "
+            "48.",
+        ),
+        (
+            "es",
+            "- PhaseAwareLR lo acortó al terminar el aprendizaje rápido: desde el paso del optimizador 40 (tras 10 "
+            "épocas) la tasa bajó de {start} a su mínimo 0.0001 en 8 pasos del optimizador (2 épocas), hasta el "
+            "paso 48, en lugar de los 40 pasos del optimizador (10 épocas) que le quedaban al programa; la tasa "
+            "registrada está en el mínimo desde el paso 48.",
+        ),
+    ],
+)
+def test_the_training_report_says_how_the_schedule_was_shortened(tmp_path, language, line) -> None:
+    recorded, report = fit_with_report(tmp_path, PhaseAwareLR(decay_epochs=2), language)
+
+    start = PEAK_LR * base_factor(40)
+    assert recorded["outcome"] == "shortened"
+    assert (recorded["shortened_at_step"], recorded["decay_steps"], recorded["ends_at_step"]) == (40, 8, 48)
+    assert recorded["start_lr"] == pytest.approx(start) and recorded["floor_lr"] == pytest.approx(1e-4)
+    assert recorded["optimizer_steps_per_epoch"] == STEPS_PER_EPOCH
+    section = report.split("## Learning rate" if language == "en" else "## Learning rate (tasa")[1].split(
+        "\n## "
+    )[0]
+    assert line.format(start=f"{start:.4g}") in section.splitlines()
+
+
+def test_the_training_report_says_when_the_schedule_was_left_or_never_changed(tmp_path) -> None:
+    _, left = fit_with_report(tmp_path / "left", PhaseAwareLR(decay_epochs=12))
+    assert (
+        "- PhaseAwareLR: rapid learning ended at optimizer step 40 (after 10 epochs); the schedule already reached "
+        "its floor 0.0001 in 40 optimizer steps (10 epochs), no later than the decay asked for: left as it was."
+    ) in left.splitlines()
+
+    never = PhaseAwareLR(decay_epochs=2)
+    trainer = make_trainer(
+        tmp_path / "never",
+        [
+            PhaseDetection(window=MAX_EPOCHS + 1),
+            never,
+            TrainingReport(figures=False),
+        ],  # a window never filled
+    )
+    trainer.fit(ScriptedScheduleRun())
+    report = (Path(trainer.logger.log_dir) / REPORT_MD).read_text()
+    assert never.outcome == "not_reached"
+    assert (
+        "- PhaseAwareLR was on, but PhaseDetection did not report the end of rapid learning: the schedule ran as "
+        "configured."
+    ) in report.splitlines()

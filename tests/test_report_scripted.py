@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks.phases import PhaseDetection
 from callbacks.report import TrainingReport
 from phi2tutor.events import read_scalars
 from phi2tutor.keys import GRAD_NORM_KEY, LOSS_EPOCH_KEY, LOSS_STEP_KEY, VAL_LOSS_KEY
@@ -50,12 +51,12 @@ class ScriptedLoss(pl.LightningModule):
         return DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
 
 
-def run(tmp_path, train, val):
+def run(tmp_path, train, val, callbacks=(), log_every_n_steps=1):
     trainer = pl.Trainer(
         max_epochs=EPOCHS,
         logger=TensorBoardLogger(tmp_path, name="", version="scripted"),
-        callbacks=[TrainingReport(figures=False)],
-        log_every_n_steps=1,
+        callbacks=[*callbacks, TrainingReport(figures=False)],
+        log_every_n_steps=log_every_n_steps,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -104,3 +105,33 @@ def test_nan_step_is_named_and_report_json_is_strict(tmp_path):
     assert report["nonfinite"]["series"]["loss"]["first_step"] == 20
     assert report["recommendations"][0]["kind"] == "nonfinite"
     assert "The training loss is NaN from step 20" in markdown and "trainer.gradient_clip_val" in markdown
+
+
+def test_phases_of_a_per_step_phase_detection_are_judged_on_what_it_checked(tmp_path):
+    """PhaseDetection on train/loss at every optimizer step, train/loss logged every 4th: the report judges the
+    checked values (run.json), so its boundaries are the run's own, not the rule on 6 epoch means or on a
+    quarter of the points."""
+    detector = PhaseDetection(monitor=LOSS_STEP_KEY, check_every_n_steps=1, window=8)
+    fast_then_slow = [
+        (3.0 * math.exp(-0.2 * step) if step < 16 else 3.0 * math.exp(-3.2 - 0.005 * (step - 16)))
+        * (1 + 0.002 * NOISE[step])
+        for step in range(EPOCHS * STEPS_PER_EPOCH)
+    ]
+    report, markdown = run(
+        tmp_path, lambda step: fast_then_slow[step], lambda epoch: 1.0, [detector], log_every_n_steps=4
+    )
+
+    online = [transition.boundary for transition in detector.transitions]
+    assert online and online[0] in range(16, 26)  # rapid learning ends after the bend at step 16
+    run_info = json.loads((tmp_path / "scripted" / "run.json").read_text())
+    checks = run_info["phase_detection"]["checks"]
+    assert [position for position, _ in checks] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    phases = report["phases"]
+    assert (phases["series"], phases["unit"], phases["monitor"]) == ("checked", "step", LOSS_STEP_KEY)
+    assert phases["boundaries"] == phases["online_boundaries"] == online
+    assert not [note for note in report["notes"] if note["key"] == "online_phases_differ"]
+    assert (
+        "Phases looked for on the train/loss at every check PhaseDetection made during training (every optimizer "
+        "step; run.json keeps them) by phi2tutor.phases"
+    ) in markdown
+    assert "over a window of 8 checks" in markdown

@@ -34,6 +34,7 @@ from phi2tutor.report.records import (
     epoch_index,
     is_number,
 )
+from phi2tutor.schedule import SHORTENING_OUTCOMES
 
 REPORT_SCHEMA_VERSION = 2
 
@@ -156,6 +157,26 @@ def analysed_series(records: RunRecords) -> tuple[str, list[int], list[float]]:
     for point in points:
         by_step[point.step] = point.value  # a step logged twice keeps its last value
     return "step", list(by_step), list(by_step.values())
+
+
+def phase_series(records: RunRecords) -> tuple[str, list[int], list[float], str]:
+    """The series the phases are judged on: (unit, positions, values, series kind).
+
+    What the run's PhaseDetection checked ("checked", from run.json) when it checked something other than
+    the epoch mean loss, e.g. train/loss at every optimizer step: the logged points are a subsample of it
+    (every log_every_n_steps), and the same rule on another series would find other boundaries. Otherwise
+    the analysed series (``analysed_series``).
+    """
+    checks = records.phase_checks
+    if checks is not None and (checks.unit == "step" or checks.monitor != LOSS_EPOCH_KEY):
+        return checks.unit, checks.positions, checks.values, "checked"
+    unit, positions, values = analysed_series(records)
+    return (
+        unit,
+        positions,
+        values,
+        "epoch_mean" if records.source_kind == PHI2TUTOR_RUN and unit == "epoch" else "logged",
+    )
 
 
 def _named(point: Point | None) -> dict[str, Any] | None:
@@ -315,7 +336,7 @@ def phases_section(
 ) -> dict[str, Any]:
     """The learning phases by the PhaseDetection rule (phi2tutor.phases), or at given boundaries; without
     evidence of phases, the verdict says what the loss did instead."""
-    unit, positions, values = analysed_series(records)
+    unit, positions, values, series = phase_series(records)
     options = {
         "window": length_window(len(values)),
         "fine_tuning_below": DEFAULT_FINE_TUNING_BELOW,
@@ -392,7 +413,9 @@ def phases_section(
         "method": method,
         "unit": unit,
         "verdict": verdict,
-        "series": "epoch_mean" if records.source_kind == PHI2TUTOR_RUN and unit == "epoch" else "logged",
+        "series": series,
+        "monitor": records.phase_checks.monitor if series == "checked" else None,
+        "check_every_n_steps": records.phase_checks.every_n_steps if series == "checked" else None,
         "points": len(values),
         "began_after_last": next_phase,
         "options": options if method == "detected" else None,
@@ -540,6 +563,48 @@ def learning_rate_section(records: RunRecords, notes: list) -> dict[str, Any] | 
         "shape": shape,
         "warmup_pct": r2(100 * (steps[peak_index] - steps[0]) / span) if rises and span else None,
         "last_pct_of_peak": r2(100 * values[-1] / peak) if peak else None,
+        "phase_aware": _phase_aware_lr(records, points),
+    }
+
+
+def _phase_aware_lr(records: RunRecords, points: list[Point]) -> dict[str, Any] | None:
+    """What PhaseAwareLR did (run.json), with the first logged step at the floor it decayed to."""
+    recorded = records.run_info.get("phase_aware_lr")
+    if not isinstance(recorded, dict) or recorded.get("outcome") not in SHORTENING_OUTCOMES:
+        return None
+    per_epoch = recorded.get("optimizer_steps_per_epoch")
+
+    def epochs(steps: Any) -> float | None:
+        return (
+            round_sig(steps / per_epoch, 3)
+            if is_number(steps) and is_number(per_epoch) and per_epoch
+            else None
+        )
+
+    floor = recorded.get("floor_lr")
+    at_floor = None
+    if recorded["outcome"] == "shortened" and is_number(floor):
+        # Logged values are float32-rounded: "at the floor" within a part in a million.
+        at_floor = next(
+            (
+                p.step
+                for p in points
+                if p.step >= recorded["shortened_at_step"] and p.value <= floor * (1 + 1e-6)
+            ),
+            None,
+        )
+    return {
+        "outcome": recorded["outcome"],
+        "step": recorded.get("decided_at_step"),
+        "step_epochs": epochs(recorded.get("decided_at_step")),
+        "start_lr": sig4(recorded["start_lr"]) if is_number(recorded.get("start_lr")) else None,
+        "floor_lr": sig4(floor) if is_number(floor) else None,
+        "decay_steps": recorded.get("decay_steps"),
+        "decay_epochs": epochs(recorded.get("decay_steps")),
+        "ends_at_step": recorded.get("ends_at_step"),
+        "steps_left_before": recorded.get("steps_left_before"),
+        "steps_left_epochs": epochs(recorded.get("steps_left_before")),
+        "logged_at_floor_from_step": at_floor,
     }
 
 

@@ -51,6 +51,17 @@ class Point:
 
 
 @dataclass
+class PhaseChecks:
+    """The series a run's PhaseDetection judged (run.json): its monitor's value at every check."""
+
+    monitor: str
+    unit: str  # "epoch" or "step"
+    every_n_steps: int | None
+    positions: list[int]
+    values: list[float]
+
+
+@dataclass
 class RunRecords:
     """What a run left behind, in one shape whatever wrote it.
 
@@ -67,6 +78,7 @@ class RunRecords:
         calculator_counts: (epoch, count) of val/calculator_calls and val/calculator_changed under "calls"
             and "changed" (MathAnswerEval logs them when the calculator is on).
         epochs_run: the epoch the run reached (fractional for a step-based or interrupted run).
+        phase_checks: the values the run's PhaseDetection checked (run.json), when it recorded them.
     """
 
     source: str
@@ -87,6 +99,7 @@ class RunRecords:
     truncated_examples: int | None = None
     online_phase_boundaries: list[int] | None = None
     phase_options: dict[str, Any] | None = None
+    phase_checks: PhaseChecks | None = None
     trainer_reported_mean_loss: float | None = None
     epochs_run: float | None = None
 
@@ -217,6 +230,7 @@ def read_run_directory(run_dir: str | Path) -> RunRecords:
         }
         if detection.get("boundaries") is not None:
             records.online_phase_boundaries = [int(b) for b in detection["boundaries"]]
+        records.phase_checks = _phase_checks(detection)
     if records.online_phase_boundaries is None and scalars.get(PHASE_INDEX_KEY):
         records.online_phase_boundaries = _boundaries_from_phase_index(
             [(index.epoch_of(step), int(v)) for step, v in scalars[PHASE_INDEX_KEY]]
@@ -411,6 +425,21 @@ def _boundaries_from_phase_index(points: list[tuple[int, int]]) -> list[int]:
             boundaries.append(previous_epoch)
         previous_epoch, previous_index = epoch, phase_index
     return boundaries
+
+
+def _phase_checks(detection: dict[str, Any]) -> PhaseChecks | None:
+    checks = detection.get("checks")
+    if not isinstance(checks, list) or not checks or not isinstance(detection.get("monitor"), str):
+        return None
+    if not all(isinstance(c, list) and len(c) == 2 and all(is_number(x) for x in c) for c in checks):
+        return None
+    return PhaseChecks(
+        monitor=detection["monitor"],
+        unit="step" if detection.get("unit") == "step" else "epoch",
+        every_n_steps=detection.get("check_every_n_steps"),
+        positions=[int(position) for position, _ in checks],
+        values=[float(value) for _, value in checks],
+    )
 
 
 def _phase_detection_from_config(config: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -85,6 +85,21 @@ TEXT: dict[str, dict[str, str]] = {
         "lr_peak": "Peak: {peak} at epoch {epoch} (step {step})",
         "lr_first_last": "First value {first}, last value {last} ({pct}% of the peak)",
         "lr_shape": "Schedule: {shape}",
+        "lr_phase_shortened": "PhaseAwareLR shortened it when rapid learning ended: from optimizer step {step}{at_epoch} "
+        "the rate fell from {start} to its floor {floor} over {decay}, to step {end}, instead of the {left} the "
+        "schedule had left",
+        "lr_phase_logged_floor": "; the logged rate is at the floor from step {step}",
+        "lr_phase_at_floor": "PhaseAwareLR: rapid learning ended at optimizer step {step}{at_epoch}, with the rate "
+        "already at its floor {floor}: nothing to shorten",
+        "lr_phase_left_as_is": "PhaseAwareLR: rapid learning ended at optimizer step {step}{at_epoch}; the schedule "
+        "already reached its floor {floor} in {left}, no later than the decay asked for: left as it was",
+        "lr_phase_not_reached": "PhaseAwareLR was on, but PhaseDetection did not report the end of rapid learning: "
+        "the schedule ran as configured",
+        "lr_phase_epoch": " (after {epochs})",
+        "lr_steps": "{n} optimizer steps",
+        "lr_steps_one": "1 optimizer step",
+        "lr_steps_epochs": "{n} optimizer steps ({epochs})",
+        "lr_steps_epochs_one": "1 optimizer step ({epochs})",
         "shape_constant": "constant (every logged value within 10% of the peak)",
         "shape_warmup_constant": "warm-up over the first {warmup}% of the steps, then within 10% of the peak",
         "shape_warmup_rising": "warm-up: still rising at the last logged value",
@@ -231,6 +246,22 @@ TEXT: dict[str, dict[str, str]] = {
         "lr_peak": "Máximo: {peak} en la época {epoch} (paso {step})",
         "lr_first_last": "Primer valor {first}, último valor {last} (el {pct}% del máximo)",
         "lr_shape": "Programa: {shape}",
+        "lr_phase_shortened": "PhaseAwareLR lo acortó al terminar el aprendizaje rápido: desde el paso del "
+        "optimizador {step}{at_epoch} la tasa bajó de {start} a su mínimo {floor} en {decay}, hasta el paso {end}, en "
+        "lugar de los {left} que le quedaban al programa",
+        "lr_phase_logged_floor": "; la tasa registrada está en el mínimo desde el paso {step}",
+        "lr_phase_at_floor": "PhaseAwareLR: el aprendizaje rápido terminó en el paso del optimizador {step}{at_epoch}, "
+        "con la tasa ya en su mínimo {floor}: nada que acortar",
+        "lr_phase_left_as_is": "PhaseAwareLR: el aprendizaje rápido terminó en el paso del optimizador "
+        "{step}{at_epoch}; el programa ya llegaba a su mínimo {floor} en {left}, no más tarde que el descenso "
+        "pedido: se dejó como estaba",
+        "lr_phase_not_reached": "PhaseAwareLR estaba activo, pero PhaseDetection no señaló el final del aprendizaje "
+        "rápido: el programa siguió como estaba configurado",
+        "lr_phase_epoch": " (tras {epochs})",
+        "lr_steps": "{n} pasos del optimizador",
+        "lr_steps_one": "1 paso del optimizador",
+        "lr_steps_epochs": "{n} pasos del optimizador ({epochs})",
+        "lr_steps_epochs_one": "1 paso del optimizador ({epochs})",
         "shape_constant": "constante (todos los valores registrados a menos de un 10% del máximo)",
         "shape_warmup_constant": "calentamiento durante el primer {warmup}% de los pasos y después a menos de un "
         "10% del máximo",
@@ -377,6 +408,14 @@ TEXT["en"].update(
         "points, kept between {low} and {high}.",
         "series_epoch_mean": "epoch mean loss",
         "series_logged": "logged training loss",
+        "series_checked_step": "{monitor} at every check PhaseDetection made during training ({every}; run.json "
+        "keeps them)",
+        "checked_every_step": "every optimizer step",
+        "checked_every_n_steps": "every {n} optimizer steps",
+        "series_checked_epoch": "{monitor} at every epoch end, as PhaseDetection checked it during training "
+        "(run.json keeps the values)",
+        "unit_checks": "checks",
+        "phase_points_checked": "Checks: {count} ({pct}% of the run's)",
         "verdict_fell_steadily": "The loss fell steadily: no distinct phases (no slow-down stood above the noise).",
         "verdict_flat": "No phases: the loss did not fall beyond its noise.",
         "verdict_rose": "No phases: the loss rose.",
@@ -562,6 +601,14 @@ TEXT["es"].update(
         "décima parte de sus {points} puntos, acotada entre {low} y {high}.",
         "series_epoch_mean": "pérdida media por época",
         "series_logged": "pérdida de entrenamiento registrada",
+        "series_checked_step": "{monitor} en cada comprobación que hizo PhaseDetection durante el entrenamiento "
+        "({every}; run.json las guarda)",
+        "checked_every_step": "cada paso del optimizador",
+        "checked_every_n_steps": "cada {n} pasos del optimizador",
+        "series_checked_epoch": "{monitor} al final de cada época, tal como lo comprobó PhaseDetection durante el "
+        "entrenamiento (run.json guarda los valores)",
+        "unit_checks": "comprobaciones",
+        "phase_points_checked": "Comprobaciones: {count} (el {pct}% del total)",
         "verdict_fell_steadily": "La pérdida bajó de forma continua: sin fases distintas (ninguna desaceleración "
         "superó el ruido).",
         "verdict_flat": "Sin fases: la pérdida no bajó más allá de su ruido.",
@@ -899,7 +946,10 @@ def render_markdown(report: dict[str, Any], language: str = "en") -> str:
                 )
             )
         shape = t[f"shape_{lr['shape']}"].format(warmup=f(lr["warmup_pct"]))
-        lines += ["- " + t["lr_shape"].format(shape=shape), ""]
+        lines.append("- " + t["lr_shape"].format(shape=shape))
+        if lr.get("phase_aware"):
+            lines.append("- " + _render_phase_aware_lr(lr["phase_aware"], t, f))
+        lines.append("")
     if report["validation"] is not None:
         lines += _render_validation(report["validation"], report, t, f)
     lines += _render_stop(report["stop"], t, f)
@@ -1118,14 +1168,21 @@ def _render_memory(m: dict[str, Any], t: dict[str, str], f) -> list[str]:
 
 def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[str]:
     units = t[f"unit_{p['unit']}s"]
+    checked_steps = p["series"] == "checked" and p["unit"] == "step"
     lines = [f"## {t['phases']}", ""]
     if p["method"] == "detected":
         o = p["options"]
+        if p["series"] == "checked":
+            n = p["check_every_n_steps"]
+            every = t["checked_every_step"] if n == 1 else t["checked_every_n_steps"].format(n=n)
+            series = t[f"series_checked_{p['unit']}"].format(monitor=p["monitor"], every=every)
+        else:
+            series = t[f"series_{p['series']}"]
         lines.append(
             t["phases_detected"].format(
-                series=t[f"series_{p['series']}"],
+                series=series,
                 window=o["window"],
-                units=units,
+                units=t["unit_checks"] if checked_steps else units,
                 ft=f(o["fine_tuning_below"]),
                 st=f(o["stabilization_below"]),
                 z=f(z),
@@ -1194,7 +1251,13 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
             lines.append("- " + t["share"].format(value=f(phase["share_of_total_reduction_pct"])))
         elif (phase["improvement_pct"] or 0) < 0:
             lines.append("- " + t["phase_rose"])
-        points_key = "phase_points_step" if p["unit"] == "step" else "phase_points"
+        points_key = (
+            "phase_points_checked"
+            if checked_steps
+            else "phase_points_step"
+            if p["unit"] == "step"
+            else "phase_points"
+        )
         lines += [
             "- "
             + t[points_key].format(
@@ -1203,6 +1266,38 @@ def _render_phases(p: dict[str, Any], z: float, t: dict[str, str], f) -> list[st
             "",
         ]
     return lines
+
+
+def _render_phase_aware_lr(phase: dict[str, Any], t: dict[str, str], f) -> str:
+    """The learning-rate section's line on what PhaseAwareLR did (run.json)."""
+
+    def epochs_of(count: Any) -> str:  # "1.06 epochs", "1 epoch"
+        return f"{f(count)} {t[plural(count, 'unit_epoch', 'unit_epochs')]}"
+
+    def steps(n: Any, epochs: Any) -> str:
+        if epochs is None:
+            return counted(t, "lr_steps", n).format(n=n)
+        return counted(t, "lr_steps_epochs", n).format(n=n, epochs=epochs_of(epochs))
+
+    if phase["outcome"] == "not_reached":
+        return t["lr_phase_not_reached"] + "."
+    at_epoch = (
+        t["lr_phase_epoch"].format(epochs=epochs_of(phase["step_epochs"])) if phase["step_epochs"] else ""
+    )
+    fields = {
+        "step": phase["step"],
+        "at_epoch": at_epoch,
+        "start": f(phase["start_lr"]),
+        "floor": f(phase["floor_lr"]),
+        "end": phase["ends_at_step"],
+        "left": steps(phase["steps_left_before"], phase["steps_left_epochs"]),
+    }
+    if phase["outcome"] != "shortened":
+        return t[f"lr_phase_{phase['outcome']}"].format(**fields) + "."
+    line = t["lr_phase_shortened"].format(decay=steps(phase["decay_steps"], phase["decay_epochs"]), **fields)
+    if phase["logged_at_floor_from_step"] is not None:
+        line += t["lr_phase_logged_floor"].format(step=phase["logged_at_floor_from_step"])
+    return line + "."
 
 
 def _render_validation(v: dict[str, Any], report: dict[str, Any], t: dict[str, str], f) -> list[str]:
