@@ -22,8 +22,11 @@ LAST_CHECKPOINT_GLOB = "last*.ckpt"
 RESUMABLE_MODEL_OPTIONS = {"adapter_output_dir", "max_new_tokens", "calculator"}
 RESUMABLE_DATA_OPTIONS = {"num_workers", "eval_batch_size", "test_path", "predict_path"}
 # Trainer options that change the optimization: a resumed run with other values is a different run.
+# limit_train_batches sets the epoch's length: the lr schedule's length and a mid-epoch checkpoint's
+# position in the epoch were computed from it.
 FIXED_TRAINER_OPTIONS = {
     "accumulate_grad_batches",
+    "limit_train_batches",
     "precision",
     "gradient_clip_val",
     "gradient_clip_algorithm",

@@ -200,6 +200,7 @@ def test_resume_with_changed_model_options_stops_with_each_difference(
         main(
             ["fit", "--config", str(config_path), "--ckpt_path", "last"]
             + ["--model.lora_r", "16", "--model.learning_rate", "0.05", "--trainer.max_epochs", "5"]
+            + ["--trainer.limit_train_batches", "2"]
         )
     assert stopped.value.code == 2
     err = capsys.readouterr().err
@@ -210,6 +211,7 @@ def test_resume_with_changed_model_options_stops_with_each_difference(
     assert listed == [
         "model.learning_rate: 0.003 in the checkpoint, 0.05 now",
         "model.lora_r: 4 in the checkpoint, 16 now",
+        "trainer.limit_train_batches: None in the checkpoint, 2 now",
     ]
     assert "start a new run" in message
 
@@ -396,3 +398,27 @@ def test_out_of_memory_in_the_first_step_still_writes_the_report(tmp_path, capsy
     from tests.test_report import numbers_in, numbers_of_json
 
     assert not numbers_in(markdown) - numbers_of_json(report)
+
+
+def test_a_time_interval_checkpoint_with_accumulation_gets_a_notice(tmp_path, lightning_messages) -> None:
+    """Lightning checks train_time_interval after every micro-batch: with accumulation the checkpoint can hold
+    half a step, which no resume can repeat exactly, so fit says so instead of promising an exact resume."""
+    config = tiny_config(tmp_path, trainer={"max_steps": 1, "accumulate_grad_batches": 2})
+    config["trainer"]["callbacks"] = [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"train_time_interval": "0:10:00", "save_last": True},
+        }
+    ]
+    main(["fit", "--config", str(write_yaml(tmp_path / "fit.yaml", config))])
+
+    # (A set: the records reach the fixture's handler both on Lightning's logger and through the root's.)
+    notices = {
+        r.getMessage() for r in lightning_messages.records if r.getMessage().startswith("phi2tutor | notice")
+    }
+    assert notices == {
+        "phi2tutor | notice: ModelCheckpoint(train_time_interval=0:10:00) can save between the 2 micro-batches "
+        "of one optimizer step (trainer.accumulate_grad_batches 2), and a checkpoint holds no accumulated "
+        "gradients: a run resumed from such a checkpoint trains that step on fewer micro-batches, not exactly as "
+        "uninterrupted. every_n_train_steps saves only after complete optimizer steps."
+    }
