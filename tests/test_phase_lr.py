@@ -277,15 +277,15 @@ def fit_with_report(root: Path, phase_lr: PhaseAwareLR, language: str = "en") ->
             "en",
             "- PhaseAwareLR shortened it when rapid learning ended: from optimizer step 40 (after 10 epochs) the "
             "rate fell from {start} to its floor 0.0001 over 8 optimizer steps (2 epochs), to step 48, instead of "
-            "the 40 optimizer steps (10 epochs) the schedule had left; the logged rate is at the floor from step "
-            "48.",
+            "the 40 optimizer steps (10 epochs) the schedule had left; the first logged train/lr at the floor is at "
+            "step 48.",
         ),
         (
             "es",
             "- PhaseAwareLR lo acortó al terminar el aprendizaje rápido: desde el paso del optimizador 40 (tras 10 "
             "épocas) la tasa bajó de {start} a su mínimo 0.0001 en 8 pasos del optimizador (2 épocas), hasta el "
-            "paso 48, en lugar de los 40 pasos del optimizador (10 épocas) que le quedaban al programa; la tasa "
-            "registrada está en el mínimo desde el paso 48.",
+            "paso 48, en lugar de los 40 pasos del optimizador (10 épocas) que le quedaban al programa; el primer "
+            "train/lr registrado en el mínimo está en el paso 48.",
         ),
     ],
 )

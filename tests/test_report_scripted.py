@@ -17,6 +17,7 @@ from callbacks.phases import PhaseDetection
 from callbacks.report import TrainingReport
 from phi2tutor.events import read_scalars
 from phi2tutor.keys import GRAD_NORM_KEY, LOSS_EPOCH_KEY, LOSS_STEP_KEY, VAL_LOSS_KEY
+from phi2tutor.report import write_report
 
 STEPS_PER_EPOCH = 8
 EPOCHS = 6
@@ -131,7 +132,12 @@ def test_phases_of_a_per_step_phase_detection_are_judged_on_what_it_checked(tmp_
     assert phases["boundaries"] == phases["online_boundaries"] == online
     assert not [note for note in report["notes"] if note["key"] == "online_phases_differ"]
     assert (
-        "Phases looked for on the train/loss at every check PhaseDetection made during training (every optimizer "
-        "step; run.json keeps them) by phi2tutor.phases"
+        "Phases looked for on the values of train/loss that PhaseDetection checked during training (at every "
+        "optimizer step; run.json keeps them) by phi2tutor.phases"
     ) in markdown
     assert "over a window of 8 checks" in markdown
+    write_report(tmp_path / "scripted", tmp_path / "es", language="es", draw_figures=False)
+    assert (
+        "Fases buscadas sobre los valores de train/loss que PhaseDetection comprobó durante el entrenamiento (en "
+        "cada paso del optimizador; run.json los guarda) con phi2tutor.phases"
+    ) in (tmp_path / "es" / "report.md").read_text()

@@ -88,7 +88,7 @@ TEXT: dict[str, dict[str, str]] = {
         "lr_phase_shortened": "PhaseAwareLR shortened it when rapid learning ended: from optimizer step {step}{at_epoch} "
         "the rate fell from {start} to its floor {floor} over {decay}, to step {end}, instead of the {left} the "
         "schedule had left",
-        "lr_phase_logged_floor": "; the logged rate is at the floor from step {step}",
+        "lr_phase_logged_floor": "; the first logged train/lr at the floor is at step {step}",
         "lr_phase_at_floor": "PhaseAwareLR: rapid learning ended at optimizer step {step}{at_epoch}, with the rate "
         "already at its floor {floor}: nothing to shorten",
         "lr_phase_left_as_is": "PhaseAwareLR: rapid learning ended at optimizer step {step}{at_epoch}; the schedule "
@@ -249,7 +249,7 @@ TEXT: dict[str, dict[str, str]] = {
         "lr_phase_shortened": "PhaseAwareLR lo acortó al terminar el aprendizaje rápido: desde el paso del "
         "optimizador {step}{at_epoch} la tasa bajó de {start} a su mínimo {floor} en {decay}, hasta el paso {end}, en "
         "lugar de los {left} que le quedaban al programa",
-        "lr_phase_logged_floor": "; la tasa registrada está en el mínimo desde el paso {step}",
+        "lr_phase_logged_floor": "; el primer train/lr registrado en el mínimo está en el paso {step}",
         "lr_phase_at_floor": "PhaseAwareLR: el aprendizaje rápido terminó en el paso del optimizador {step}{at_epoch}, "
         "con la tasa ya en su mínimo {floor}: nada que acortar",
         "lr_phase_left_as_is": "PhaseAwareLR: el aprendizaje rápido terminó en el paso del optimizador "
@@ -408,12 +408,12 @@ TEXT["en"].update(
         "points, kept between {low} and {high}.",
         "series_epoch_mean": "epoch mean loss",
         "series_logged": "logged training loss",
-        "series_checked_step": "{monitor} at every check PhaseDetection made during training ({every}; run.json "
+        "series_checked_step": "values of {monitor} that PhaseDetection checked during training ({every}; run.json "
         "keeps them)",
-        "checked_every_step": "every optimizer step",
+        "checked_every_step": "at every optimizer step",
         "checked_every_n_steps": "every {n} optimizer steps",
-        "series_checked_epoch": "{monitor} at every epoch end, as PhaseDetection checked it during training "
-        "(run.json keeps the values)",
+        "series_checked_epoch": "values of {monitor} that PhaseDetection checked at each epoch end (run.json keeps "
+        "them)",
         "unit_checks": "checks",
         "phase_points_checked": "Checks: {count} ({pct}% of the run's)",
         "verdict_fell_steadily": "The loss fell steadily: no distinct phases (no slow-down stood above the noise).",
@@ -591,7 +591,7 @@ TEXT["es"].update(
         "registrados); las medias por época la dejan fuera.",
         "partial_epoch_one": "La última época ({epoch}) es parcial: se ejecutó {fraction} de ella ({count} punto "
         "registrado); las medias por época la dejan fuera.",
-        "phases_detected": "Fases buscadas sobre la {series} con phi2tutor.phases, la misma regla que aplica el "
+        "phases_detected": "Fases buscadas sobre {series} con phi2tutor.phases, la misma regla que aplica el "
         "callback PhaseDetection durante el entrenamiento: la velocidad de mejora es la pendiente del logaritmo "
         "de la pérdida en una ventana de {window} {units}; el ajuste fino empieza por debajo de {ft} y la "
         "estabilización por debajo de {st} de la mayor velocidad, cada una solo donde la mayor velocidad de la "
@@ -599,14 +599,14 @@ TEXT["es"].update(
         "escala logarítmica).",
         "window_from_length": "El entrenamiento no tiene opciones de PhaseDetection, así que la ventana es una "
         "décima parte de sus {points} puntos, acotada entre {low} y {high}.",
-        "series_epoch_mean": "pérdida media por época",
-        "series_logged": "pérdida de entrenamiento registrada",
-        "series_checked_step": "{monitor} en cada comprobación que hizo PhaseDetection durante el entrenamiento "
-        "({every}; run.json las guarda)",
-        "checked_every_step": "cada paso del optimizador",
+        "series_epoch_mean": "la pérdida media por época",
+        "series_logged": "la pérdida de entrenamiento registrada",
+        "series_checked_step": "los valores de {monitor} que PhaseDetection comprobó durante el entrenamiento ({every}; "
+        "run.json los guarda)",
+        "checked_every_step": "en cada paso del optimizador",
         "checked_every_n_steps": "cada {n} pasos del optimizador",
-        "series_checked_epoch": "{monitor} al final de cada época, tal como lo comprobó PhaseDetection durante el "
-        "entrenamiento (run.json guarda los valores)",
+        "series_checked_epoch": "los valores de {monitor} que PhaseDetection comprobó al final de cada época (run.json "
+        "los guarda)",
         "unit_checks": "comprobaciones",
         "phase_points_checked": "Comprobaciones: {count} (el {pct}% del total)",
         "verdict_fell_steadily": "La pérdida bajó de forma continua: sin fases distintas (ninguna desaceleración "
