@@ -223,8 +223,12 @@ class TrainingReport(Callback):
                 "check_every_n_steps": detector.check_every_n_steps,
                 "boundaries": [transition.boundary for transition in detector.transitions],
                 # The series the rule judged, so that the report judges the same one: by step it is every
-                # checked value, which the logged train/loss (every log_every_n_steps) does not hold.
-                "checks": [[position, value] for position, value in zip(detector.positions, detector.values)],
+                # checked value, which the logged train/loss (every log_every_n_steps) does not hold. A NaN or
+                # inf is written as null: run.json stays strict JSON.
+                "checks": [
+                    [position, value if math.isfinite(value) else None]
+                    for position, value in zip(detector.positions, detector.values)
+                ],
             }
         phase_lr = next((cb for cb in trainer.callbacks if isinstance(cb, PhaseAwareLR)), None)
         if phase_lr is not None:

@@ -141,3 +141,20 @@ def test_phases_of_a_per_step_phase_detection_are_judged_on_what_it_checked(tmp_
         "Fases buscadas sobre los valores de train/loss que PhaseDetection comprobó durante el entrenamiento (en "
         "cada paso del optimizador; run.json los guarda) con phi2tutor.phases"
     ) in (tmp_path / "es" / "report.md").read_text()
+
+
+def test_a_nan_checked_by_a_per_step_phase_detection_keeps_run_json_strict(tmp_path):
+    detector = PhaseDetection(monitor=LOSS_STEP_KEY, check_every_n_steps=1, window=8)
+    report, _ = run(
+        tmp_path,
+        lambda step: math.nan if step == 30 else 3.0 * math.exp(-0.05 * step),
+        lambda epoch: 1.0,
+        [detector],
+    )
+
+    text = (tmp_path / "scripted" / "run.json").read_text()
+    checks = json.loads(text, parse_constant=lambda token: pytest.fail(f"run.json holds {token}"))[
+        "phase_detection"
+    ]["checks"]
+    assert checks[30] == [31, None]  # the loss of the 31st step, checked after it
+    assert report["phases"]["series"] == "checked" and report["phases"]["points"] == EPOCHS * STEPS_PER_EPOCH

@@ -431,14 +431,17 @@ def _phase_checks(detection: dict[str, Any]) -> PhaseChecks | None:
     checks = detection.get("checks")
     if not isinstance(checks, list) or not checks or not isinstance(detection.get("monitor"), str):
         return None
-    if not all(isinstance(c, list) and len(c) == 2 and all(is_number(x) for x in c) for c in checks):
+    if not all(
+        isinstance(c, list) and len(c) == 2 and is_number(c[0]) and (c[1] is None or is_number(c[1]))
+        for c in checks
+    ):
         return None
     return PhaseChecks(
         monitor=detection["monitor"],
         unit="step" if detection.get("unit") == "step" else "epoch",
         every_n_steps=detection.get("check_every_n_steps"),
         positions=[int(position) for position, _ in checks],
-        values=[float(value) for _, value in checks],
+        values=[math.nan if value is None else float(value) for _, value in checks],  # null: a NaN or inf
     )
 
 
