@@ -1,18 +1,20 @@
 """AutoMicroBatch: ``data.batch_size: auto`` (the largest micro-batch the memory planner fits in the budget,
 with the accumulation that keeps the effective batch), ``data.effective_batch_size``, and on a CUDA device a
-check of the first step that backs off one size on out of memory instead of failing.
+check of the first step that backs off one size on out of memory instead of failing. At fit start, with the
+accumulation final, it also says when a time-triggered checkpoint can fall inside an optimizer step.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import BatchSizeFinder
+from lightning.pytorch.callbacks import BatchSizeFinder, ModelCheckpoint
 from lightning.pytorch.tuner import batch_size_scaling
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.memory import garbage_collection_cuda
@@ -152,6 +154,12 @@ class AutoMicroBatch(BatchSizeFinder):
 
     # ------------------------------------------------------------------ fit start: the first step
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_first_step(trainer, pl_module)
+        # The accumulation is final here (resolved at setup, backed off in the first-step check).
+        for line in mid_accumulation_checkpoint_notices(trainer.callbacks, trainer.accumulate_grad_batches):
+            rank_zero_info(f"phi2tutor | notice: {line}")
+
+    def _check_first_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._check_pending:
             return
         self._check_pending = False
@@ -290,6 +298,23 @@ class AutoMicroBatch(BatchSizeFinder):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         return None
+
+
+def mid_accumulation_checkpoint_notices(callbacks: Sequence[Any], accumulate_grad_batches: int) -> list[str]:
+    """What a time-triggered ModelCheckpoint cannot promise with gradient accumulation: Lightning checks
+    train_time_interval after every micro-batch, so it can save between the micro-batches of one optimizer
+    step, and the gradients accumulated so far are not part of a checkpoint."""
+    if accumulate_grad_batches <= 1:
+        return []
+    return [
+        f"ModelCheckpoint(train_time_interval={callback._train_time_interval}) can save between the "
+        f"{accumulate_grad_batches} micro-batches of one optimizer step (trainer.accumulate_grad_batches "
+        f"{accumulate_grad_batches}), and a checkpoint holds no accumulated gradients: a run resumed from "
+        "such a checkpoint trains that step on fewer micro-batches, not exactly as uninterrupted. "
+        "every_n_train_steps saves only after complete optimizer steps."
+        for callback in callbacks
+        if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None
+    ]
 
 
 def batch_numbers(trainer: pl.Trainer) -> dict[str, Any]:

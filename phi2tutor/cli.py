@@ -177,13 +177,7 @@ def build_cli_class():
             if not any(isinstance(callback, AutoMicroBatch) for callback in configured):
                 # data.batch_size: auto and data.effective_batch_size (it does nothing without them).
                 added.append(AutoMicroBatch())
-            trainer = super().instantiate_trainer(callbacks=[*configured, *added], **kwargs)
-            if self.config.get("subcommand") == "fit":
-                for line in mid_accumulation_checkpoint_notices(
-                    trainer.callbacks, trainer.accumulate_grad_batches
-                ):
-                    rank_zero_info(f"phi2tutor | notice: {line}")
-            return trainer
+            return super().instantiate_trainer(callbacks=[*configured, *added], **kwargs)
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI reads the checkpoint's hyperparameters here first: a damaged or foreign file must
@@ -220,25 +214,6 @@ def build_cli_class():
 
     TutorCLI.save_fit_config_class = SaveFitConfig
     return TutorCLI
-
-
-def mid_accumulation_checkpoint_notices(callbacks: Sequence[Any], accumulate_grad_batches: int) -> list[str]:
-    """What a time-triggered ModelCheckpoint cannot promise with gradient accumulation: Lightning checks
-    train_time_interval after every micro-batch, so it can save between the micro-batches of one optimizer
-    step, and the gradients accumulated so far are not part of a checkpoint."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    if accumulate_grad_batches <= 1:
-        return []
-    return [
-        f"ModelCheckpoint(train_time_interval={callback._train_time_interval}) can save between the "
-        f"{accumulate_grad_batches} micro-batches of one optimizer step (trainer.accumulate_grad_batches "
-        f"{accumulate_grad_batches}), and a checkpoint holds no accumulated gradients: a run resumed from "
-        "such a checkpoint trains that step on fewer micro-batches, not exactly as uninterrupted. "
-        "every_n_train_steps saves only after complete optimizer steps."
-        for callback in callbacks
-        if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None
-    ]
 
 
 def run_lightning_cli(args: list[str] | None) -> None:
