@@ -124,16 +124,17 @@ def main() -> None:
             (name, measure(variant, Path(workdir), f"phase_aware_{index}"))
             for index, (name, variant) in enumerate(variants)
         ]
+    runs = [("plain", plain), *((f"phase-aware {name}", result) for name, result in phased)]
     print(
         f"{'schedule':<28}{'epochs':>7}{'wall s':>8}{'final train loss':>18}{'final val loss':>16}"
         f"{'test accuracy':>15}{'val accuracy':>14}"
     )
-    for name, result in (("plain", plain), *((f"phase-aware {name}", r) for name, r in phased)):
+    for name, result in runs:
         print(
             f"{name:<28}{result['epochs']:>7}{result['seconds']:>8.1f}{result['final_train_loss']:>18.5f}"
             f"{result['final_val_loss']:>16.5f}{result['test_accuracy']:>15.3f}{result['final_answer_accuracy']:>14.3f}"
         )
-    for name, result in (("plain", plain), *((f"phase-aware {name}", r) for name, r in phased)):
+    for name, result in runs:
         for line in [*result["phases"], *result["phase_lr"], *result["stop"]]:
             print(f"{name}: {line}")
         if name != "plain" and not result["phase_lr"]:

@@ -6,6 +6,7 @@ accumulation final, it also says when a time-triggered checkpoint can fall insid
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -315,6 +316,15 @@ def mid_accumulation_checkpoint_notices(callbacks: Sequence[Any], accumulate_gra
         for callback in callbacks
         if isinstance(callback, ModelCheckpoint) and callback._train_time_interval is not None
     ]
+
+
+def optimizer_steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in an epoch: the epoch's micro-batches (limit_train_batches applied) over the
+    accumulation, the last step shorter (Lightning steps on an epoch's last batch); None when unknown."""
+    batches = trainer.num_training_batches
+    if not isinstance(batches, int) or batches <= 0:  # inf before the loader is set up, or a stream
+        return None
+    return math.ceil(batches / trainer.accumulate_grad_batches)
 
 
 def batch_numbers(trainer: pl.Trainer) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
+from callbacks.micro_batch import optimizer_steps_per_epoch
 from callbacks.phases import PhaseDetection, log_text
 from phi2tutor.errors import Phi2TutorError
 from phi2tutor.keys import LR_SCHEDULE_TEXT_TAG
@@ -146,7 +147,7 @@ class PhaseAwareLR(Callback):
         step = int(scheduler.last_epoch)  # the step whose rate the next optimizer step uses
         factors = [fn for fn in scheduler.lr_lambdas if isinstance(fn, ShortenableSchedule)]
         steps_left = factors[0].steps_to_floor(step)
-        steps_per_epoch = _optimizer_steps_per_epoch(trainer)
+        steps_per_epoch = optimizer_steps_per_epoch(trainer)
         decay_steps = self._decay_steps(steps_left, steps_per_epoch)
         peak = float(scheduler.base_lrs[0])
         self.decided_at_step = step
@@ -187,9 +188,9 @@ class PhaseAwareLR(Callback):
         rank_zero_info(self.message)
         log_text(trainer, LR_SCHEDULE_TEXT_TAG, self.message)
 
-    def _decay_steps(self, steps_left: int, steps_per_epoch: float) -> int:
+    def _decay_steps(self, steps_left: int, steps_per_epoch: int | None) -> int:
         if self.decay_epochs is not None:
-            if not math.isfinite(steps_per_epoch):
+            if steps_per_epoch is None:
                 raise Phi2TutorError(
                     f"PhaseAwareLR: decay_epochs={self.decay_epochs:g} needs the number of optimizer steps "
                     "per epoch, and this run's training data has no length (an iterable dataset). Give "
@@ -208,15 +209,14 @@ class PhaseAwareLR(Callback):
             return shortened
         return at_floor if self.steps_left_before == 0 else left_as_is
 
-    def run_record(self, trainer: pl.Trainer) -> dict[str, Any]:
-        """What run.json keeps of this callback, for the training report."""
-        steps_per_epoch = _optimizer_steps_per_epoch(trainer)
+    def run_record(self) -> dict[str, Any]:
+        """What run.json keeps of this callback, for the training report (which reads the epoch length from
+        run.json's steps_per_epoch)."""
         return {
             "outcome": self.outcome,
             "decay_epochs": self.decay_epochs,
             "decay_fraction": self.decay_fraction,
             "ends_at_step": self.ends_at_step,
-            "optimizer_steps_per_epoch": steps_per_epoch if math.isfinite(steps_per_epoch) else None,
             **self.state_dict(),
         }
 
@@ -261,16 +261,8 @@ def _shortenable_scheduler(trainer: pl.Trainer) -> LambdaLR:
     )
 
 
-def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> float:
-    # Lightning steps the optimizer on an epoch's last batch even when the accumulation is incomplete.
-    batches = trainer.num_training_batches
-    if not math.isfinite(batches):
-        return math.inf
-    return float(math.ceil(batches / trainer.accumulate_grad_batches))
-
-
-def _steps_and_epochs(steps: int, steps_per_epoch: float) -> str:
-    if not math.isfinite(steps_per_epoch) or steps_per_epoch <= 0:
+def _steps_and_epochs(steps: int, steps_per_epoch: int | None) -> str:
+    if steps_per_epoch is None:
         return f"{steps} optimizer steps"
     return f"{steps} optimizer steps ({steps / steps_per_epoch:.3g} epochs)"
 

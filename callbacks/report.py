@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from callbacks.micro_batch import AutoMicroBatch, batch_numbers
+from callbacks.micro_batch import AutoMicroBatch, batch_numbers, optimizer_steps_per_epoch
 from callbacks.phase_lr import PhaseAwareLR
 from callbacks.phases import PhaseDetection
 from phi2tutor.errors import Phi2TutorError, first_line
@@ -206,7 +206,7 @@ class TrainingReport(Callback):
             "max_epochs": trainer.max_epochs,
             "max_steps": trainer.max_steps,
             "global_step": trainer.global_step,
-            "steps_per_epoch": steps_per_epoch(trainer),
+            "steps_per_epoch": optimizer_steps_per_epoch(trainer),
             "stop": stop,
             "calculator": calculator_info(pl_module),
         }
@@ -232,7 +232,7 @@ class TrainingReport(Callback):
             }
         phase_lr = next((cb for cb in trainer.callbacks if isinstance(cb, PhaseAwareLR)), None)
         if phase_lr is not None:
-            info["phase_aware_lr"] = phase_lr.run_record(trainer)
+            info["phase_aware_lr"] = phase_lr.run_record()
         return info
 
 
@@ -267,15 +267,6 @@ def stop_reason(trainer: pl.Trainer) -> dict[str, Any]:
     if trainer.should_stop:
         return {"reason": "stopped", "epoch": trainer.current_epoch}
     return {"reason": "unknown"}
-
-
-def steps_per_epoch(trainer: pl.Trainer) -> int | None:
-    """Optimizer steps in an epoch: the epoch's micro-batches (limit_train_batches applied) over the
-    accumulation, the last step shorter (Lightning steps on an epoch's last batch); None when unknown."""
-    batches = trainer.num_training_batches
-    if not isinstance(batches, int) or batches <= 0:  # inf before the loader is set up, or a stream
-        return None
-    return math.ceil(batches / trainer.accumulate_grad_batches)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -260,14 +260,16 @@ def test_shortenable_schedule_keeps_only_numbers_in_the_scheduler_state(tmp_path
     assert [fresh.lr_lambdas[0](s) for s in range(120)] == [factor(s) for s in range(120)]
 
 
-def fit_with_report(root: Path, phase_lr: PhaseAwareLR, language: str = "en") -> tuple[dict, str]:
-    """The scripted run with the training report: (run.json's phase_aware_lr, report.md)."""
+def fit_with_report(
+    root: Path, phase_lr: PhaseAwareLR, language: str = "en", window: int = WINDOW
+) -> tuple[dict, str]:
+    """The scripted run with the training report: (run.json, report.md)."""
     trainer = make_trainer(
-        root, [PhaseDetection(window=WINDOW), phase_lr, TrainingReport(language=language, figures=False)]
+        root, [PhaseDetection(window=window), phase_lr, TrainingReport(language=language, figures=False)]
     )
     trainer.fit(ScriptedScheduleRun())
     run_dir = Path(trainer.logger.log_dir)
-    return json.loads((run_dir / RUN_JSON).read_text())["phase_aware_lr"], (run_dir / REPORT_MD).read_text()
+    return json.loads((run_dir / RUN_JSON).read_text()), (run_dir / REPORT_MD).read_text()
 
 
 @pytest.mark.parametrize(
@@ -290,13 +292,15 @@ def fit_with_report(root: Path, phase_lr: PhaseAwareLR, language: str = "en") ->
     ],
 )
 def test_the_training_report_says_how_the_schedule_was_shortened(tmp_path, language, line) -> None:
-    recorded, report = fit_with_report(tmp_path, PhaseAwareLR(decay_epochs=2), language)
+    run_info, report = fit_with_report(tmp_path, PhaseAwareLR(decay_epochs=2), language)
+
+    recorded = run_info["phase_aware_lr"]
 
     start = PEAK_LR * base_factor(40)
     assert recorded["outcome"] == "shortened"
     assert (recorded["shortened_at_step"], recorded["decay_steps"], recorded["ends_at_step"]) == (40, 8, 48)
     assert recorded["start_lr"] == pytest.approx(start) and recorded["floor_lr"] == pytest.approx(1e-4)
-    assert recorded["optimizer_steps_per_epoch"] == STEPS_PER_EPOCH
+    assert run_info["steps_per_epoch"] == STEPS_PER_EPOCH  # the report's epochs below come from it
     section = report.split("## Learning rate" if language == "en" else "## Learning rate (tasa")[1].split(
         "\n## "
     )[0]
@@ -311,17 +315,10 @@ def test_the_training_report_says_when_the_schedule_was_left_or_never_changed(tm
     ) in left.splitlines()
 
     never = PhaseAwareLR(decay_epochs=2)
-    trainer = make_trainer(
-        tmp_path / "never",
-        [
-            PhaseDetection(window=MAX_EPOCHS + 1),
-            never,
-            TrainingReport(figures=False),
-        ],  # a window never filled
-    )
-    trainer.fit(ScriptedScheduleRun())
-    report = (Path(trainer.logger.log_dir) / REPORT_MD).read_text()
-    assert never.outcome == "not_reached"
+    run_info, report = fit_with_report(
+        tmp_path / "never", never, window=MAX_EPOCHS + 1
+    )  # a window never filled
+    assert never.outcome == run_info["phase_aware_lr"]["outcome"] == "not_reached"
     assert (
         "- PhaseAwareLR was on, but PhaseDetection did not report the end of rapid learning: the schedule ran as "
         "configured."

@@ -572,7 +572,7 @@ def _phase_aware_lr(records: RunRecords, points: list[Point]) -> dict[str, Any] 
     recorded = records.run_info.get("phase_aware_lr")
     if not isinstance(recorded, dict) or recorded.get("outcome") not in SHORTENING_OUTCOMES:
         return None
-    per_epoch = recorded.get("optimizer_steps_per_epoch")
+    per_epoch = records.run_info.get("steps_per_epoch")
 
     def epochs(steps: Any) -> float | None:
         return (
